@@ -1,0 +1,159 @@
+"""
+The HTTP API: Klein routes that parse, validate and hand a turn to the run manager.
+
+Routes know nothing of processes. Every error before streaming is an HTTP status with a JSON body
+``{"error": {"code": ..., "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from claudesrv.command import ApiError, ClaudeRequest, is_canonical_uuid, parse_request
+from claudesrv.runs import Busy, QueueFull, RunManager
+from claudesrv.store import SessionStore
+from claudesrv.workspaces import WorkspaceError, Workspaces
+
+log = Logger()
+
+INSTALL_HINT = ("install it with `npm install -g @anthropic-ai/claude-code`, "
+                "or start the daemon with --claude /path/to/claude")
+
+
+class ClaudeExecutable:
+    """The CLI named by ``--claude``: a path, or a name looked up on PATH (again, until found)."""
+
+    def __init__(self, name: str, environ: dict[str, str]) -> None:
+        self.name = name
+        self.environ = environ
+        self._found: str | None = None
+
+    def find(self) -> str | None:
+        if self._found is None or not os.access(self._found, os.X_OK):
+            if os.sep in self.name:
+                path = os.path.abspath(self.name)
+                self._found = path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+            else:
+                self._found = shutil.which(self.name, path=self.environ.get("PATH", os.defpath))
+        return self._found
+
+    def path(self) -> str:
+        return self._found or self.name
+
+
+def json_body(request: IRequest, status: int, payload: dict[str, Any]) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(payload).encode() + b"\n"
+
+
+def error_body(request: IRequest, status: int, code: str, message: str, **extra: Any) -> bytes:
+    error: dict[str, Any] = {"code": code, "message": message}
+    error.update(extra)
+    return json_body(request, status, {"error": error})
+
+
+class ClaudeAPI:
+    """The routes of the daemon, with their collaborators injected."""
+
+    app = Klein()
+
+    def __init__(self, runs: RunManager, store: SessionStore, workspaces: Workspaces,
+                 cli: ClaudeExecutable, max_prompt: int = 1 << 20) -> None:
+        self.runs = runs
+        self.store = store
+        self.workspaces = workspaces
+        self.cli = cli
+        self.max_prompt = max_prompt
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # ------------------------------------------------------------------ routes
+
+    @app.route("/api/claude", methods=["POST"])
+    def claude(self, request: IRequest) -> Any:
+        """Start or resume a session; the answer is the CLI's stream as Server-Sent Events."""
+        assert request.content is not None
+        turn = parse_request(request.content.read(), self.max_prompt)
+        if self.cli.find() is None:
+            raise ApiError(503, "cli_not_found", f"the Claude CLI {self.cli.name!r} was not found: {INSTALL_HINT}")
+        if turn.session_id is None:
+            return self._submit(request, turn, None)
+        d: Deferred[Any] = self.store.lookup(turn.session_id)
+        d.addCallback(self._resume, request, turn)
+        return d
+
+    def _resume(self, stored: str | None, request: IRequest, turn: ClaudeRequest) -> Any:
+        if stored is None:
+            raise ApiError(404, "session_not_found", f"no session {turn.session_id} on this server", "session_id")
+        try:
+            workspace = self.workspaces.resolve(stored)
+        except WorkspaceError as e:
+            status = 410 if e.code == "workspace_missing" else 500
+            raise ApiError(status, e.code, e.message, "session_id") from None
+        return self._submit(request, turn, workspace)
+
+    def _submit(self, request: IRequest, turn: ClaudeRequest, workspace: str | None) -> Any:
+        try:
+            run = self.runs.submit(turn, workspace, request)
+        except Busy:
+            raise ApiError(409, "session_busy",
+                             "a turn of this session is still running; wait for it or cancel it") from None
+        except QueueFull as e:
+            request.setHeader(b"Retry-After", b"5")
+            raise ApiError(503, "server_busy", f"{e}; try again later") from None
+        return run.response
+
+    @app.route("/api/sessions/<session_id>/cancel", methods=["POST"])
+    def cancel(self, request: IRequest, session_id: str) -> Any:
+        """Interrupt the running turn of a session (SIGINT first, as a client disconnect does)."""
+        if not is_canonical_uuid(session_id):
+            raise ApiError(404, "session_not_found", f"no session {session_id} on this server")
+        if self.runs.cancel(session_id):
+            return json_body(request, 202, {"session_id": session_id, "status": "cancelling"})
+        d: Deferred[Any] = self.store.lookup(session_id)
+
+        def answer(stored: str | None) -> bytes:
+            if stored is None:
+                raise ApiError(404, "session_not_found", f"no session {session_id} on this server")
+            raise ApiError(409, "not_running", "this session has no running turn")
+
+        return d.addCallback(answer)
+
+    # ------------------------------------------------------------------ errors
+
+    @app.handle_errors(ApiError)
+    def bad_request(self, request: IRequest, failure: Failure) -> bytes:
+        e = failure.value
+        assert isinstance(e, ApiError)
+        log.info("{method} {path}: {status} {code}", method=request.method.decode(),
+                 path=request.path.decode("latin-1"), status=e.status, code=e.code)
+        return json_body(request, e.status, e.as_json())
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return error_body(request, 404, "not_found", f"no route {request.path.decode('latin-1')}")
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = getattr(failure.value, "valid_methods", None) or []
+        if allowed:
+            request.setHeader(b"Allow", ", ".join(allowed).encode())
+        return error_body(request, 405, "method_not_allowed",
+                          f"{request.method.decode('latin-1')} is not allowed here; use {', '.join(allowed)}")
+
+    @app.handle_errors(Exception)
+    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        log.failure("unhandled error in {path}", failure, path=request.path.decode("latin-1"))
+        return error_body(request, 500, "internal_error", "the server failed; see its log")

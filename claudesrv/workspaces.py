@@ -1,0 +1,63 @@
+"""
+Workspace directories: one per session, only ever created here, only ever used if they are ours.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+
+
+class WorkspaceError(Exception):
+    """A stored workspace that cannot be used as a cwd: outside the root, or gone from disk."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Workspaces:
+    """The ``Workspace/`` folder under the data dir."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.realpath(root)
+
+    def ensure_root(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+
+    def create(self) -> str:
+        """A new, empty ``session-<uuid4>`` directory; its absolute path."""
+        self.ensure_root()
+        path = os.path.join(self.root, f"session-{uuid.uuid4()}")
+        os.mkdir(path, 0o700)
+        return path
+
+    def resolve(self, stored: str) -> str:
+        """
+        The real path of a workspace read from the database, or L{WorkspaceError}.
+
+        The check compares with a trailing separator, so ``Workspace-evil/`` next to the root is outside.
+        """
+        real = os.path.realpath(stored)
+        if not real.startswith(self.root + os.sep):
+            raise WorkspaceError("workspace_outside_root",
+                                 "the stored workspace of this session is outside the workspace root")
+        if not os.path.isdir(real):
+            raise WorkspaceError("workspace_missing",
+                                 "the workspace of this session no longer exists on disk; start a new session")
+        return real
+
+    def remove_if_empty(self, path: str) -> bool:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return False
+        return True
+
+    def remove(self, path: str) -> None:
+        """Delete a workspace tree; refuses anything outside the root."""
+        real = os.path.realpath(path)
+        if real.startswith(self.root + os.sep):
+            shutil.rmtree(real, ignore_errors=True)

@@ -1,0 +1,18 @@
+from setuptools import setup
+
+setup(
+    name="claudesrv",
+    version="0.1.0",
+    description="The Claude Code CLI behind an HTTP API, as a Twisted daemon (twistd -n claudesrv)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    # twisted/ and twisted/plugins/ have no __init__.py on purpose: Twisted owns those packages.
+    packages=["claudesrv", "twisted.plugins"],
+    package_dir={"": "."},
+    install_requires=["twisted[tls]", "klein", "treq", "service-identity"],
+    extras_require={
+        "test": ["mypy", "ruff", "httpx", "pydantic"],
+    },
+)
