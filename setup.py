@@ -13,6 +13,6 @@ setup(
     package_dir={"": "."},
     install_requires=["twisted[tls]", "klein", "treq", "service-identity"],
     extras_require={
-        "test": ["mypy", "ruff", "httpx", "pydantic"],
+        "test": ["mypy", "mypy-zope", "ruff", "httpx", "pydantic"],
     },
 )

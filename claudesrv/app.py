@@ -106,7 +106,7 @@ class ClaudeAPI:
 
     def _submit(self, request: IRequest, turn: ClaudeRequest, workspace: str | None) -> Any:
         try:
-            run = self.runs.submit(turn, workspace, request)
+            run = self.runs.submit(turn, workspace, request)  # type: ignore[arg-type]
         except Busy:
             raise ApiError(409, "session_busy",
                              "a turn of this session is still running; wait for it or cancel it") from None

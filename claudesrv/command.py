@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 FIELDS = ("prompt", "session_id", "dangerously-skip-permissions", "allowedTools", "disallowedTools")
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from twisted.internet import process
 from twisted.internet.interfaces import IReactorProcess
@@ -166,7 +167,7 @@ class _SessionLeaderProcess(process.Process):
     def _execChild(self, path: str | None, uid: int | None, gid: int | None, executable: str,
                    args: list[str], environment: dict[str, str]) -> None:
         os.setsid()
-        super()._execChild(path, uid, gid, executable, args, environment)  # type: ignore[misc]
+        super()._execChild(path, uid, gid, executable, args, environment)
 
 
 Spawner = Callable[[ClaudeProcess, list[str], dict[str, str], str], None]

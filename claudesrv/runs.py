@@ -16,8 +16,9 @@ import json
 import signal
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -127,6 +128,7 @@ class Run:
         self.last_stdout = self.started_at
         self.process: ClaudeProcess | None = None
         self._stream_open = True
+        self.result_sent = False
         self._client_paused = False
         self._producing = False
         self._held: list[Callable[[], None]] | None = None
@@ -196,8 +198,12 @@ class Run:
         assert self.process is not None
         self.process.signal_group(signal.SIGINT)
         grace = self.manager.limits.kill_grace
-        self._schedule("sigterm", grace, lambda: self.process and self.process.signal_group(signal.SIGTERM))
+        self._schedule("sigterm", grace, self._terminate)
         self._schedule("sigkill", grace + TERM_GRACE, self._kill)
+
+    def _terminate(self) -> None:
+        if self.process is not None:
+            self.process.signal_group(signal.SIGTERM)
 
     def _kill(self) -> None:
         if self.process is None or self.process.ended:
@@ -449,6 +455,7 @@ class Run:
         if not self._stream_open:
             return
         self._stream_open = False
+        self.result_sent = why == "result"
         self._cancel_timers("keepalive")
         if self._producing:
             self._producing = False
@@ -501,10 +508,14 @@ class RunManager:
         """
         Admit a turn or raise L{Busy} / L{QueueFull} having started nothing. The caller returns
         C{run.response} to Klein.
+
+        A session whose previous turn has already sent its result, but whose CLI has not exited yet,
+        is not busy: the new turn waits for that exit and then starts.
         """
         if not self.accepting:
             raise QueueFull("the server is shutting down")
-        if request.session_id is not None and request.session_id in self.by_session:
+        previous = self.by_session.get(request.session_id) if request.session_id else None
+        if previous is not None and not previous.result_sent:
             raise Busy(request.session_id)
         if len(self.running) >= self.limits.max_runs and len(self.queue) >= self.limits.max_queue:
             raise QueueFull("all run slots and queue places are taken")
@@ -512,12 +523,20 @@ class RunManager:
         if request.session_id is not None:
             self.by_session[request.session_id] = run
         run.open()
-        if len(self.running) < self.limits.max_runs:
+        if previous is not None:
+            previous.done.addCallback(lambda _: self._admit(run))
+        else:
+            self._admit(run)
+        return run
+
+    def _admit(self, run: Run) -> None:
+        if run.state != "queued":
+            return
+        if len(self.running) < self.limits.max_runs and self.accepting:
             self.running[run.run_id] = run
             run.start()
         else:
             self.queue.append(run)
-        return run
 
     def session_reported(self, run: Run, _line: bytes) -> None:
         if run.reported_id is not None:
@@ -557,7 +576,7 @@ class RunManager:
     def shutdown(self) -> Deferred[Any]:
         """Stop admitting, interrupt everything, and fire once every run has ended."""
         self.accepting = False
-        runs = list(self.queue) + list(self.running.values())
+        runs = {*self.queue, *self.running.values(), *self.by_session.values()}
         for run in runs:
             run.interrupt("server_shutdown")
         pending = [run.done for run in runs if run.state != "ended"]

@@ -100,7 +100,7 @@ class ClaudeService(service.Service):
         super().stopService()
         yield self.runs.shutdown()
         # let the last result events leave the socket before the reactor closes connections
-        yield deferLater(self.runs.clock, 0.1, lambda: None)  # type: ignore[arg-type]
+        yield deferLater(self.runs.clock, 0.1, lambda: None)
         self.store.close()
 
 

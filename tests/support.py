@@ -1,0 +1,230 @@
+"""
+What the integration tests share: a real ``twistd -n claudesrv`` with the fake CLI, and an SSE client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import sys
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAKE = os.path.join(HERE, "fake_claude.py")
+TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
+
+
+class SSEParser:
+    """A strict client-side reading of an SSE stream: data frames and comments, in order."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.frames: list[bytes] = []
+        self.comments: list[bytes] = []
+        self.raw = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.raw += data
+        self.buffer += data
+        while b"\n\n" in self.buffer:
+            block, self.buffer = self.buffer.split(b"\n\n", 1)
+            if block.startswith(b":"):
+                self.comments.append(block)
+            else:
+                assert block.startswith(b"data: "), block[:80]
+                assert b"\n" not in block, "one data line per event"
+                self.frames.append(block[len(b"data: "):])
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(f) for f in self.frames]
+
+    def results(self) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e.get("type") == "result"]
+
+
+class _DaemonProtocol(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.port: Deferred[int] = Deferred()
+        self.ended: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if not self.port.called:
+            m = re.search(rb"Site starting on (\d+)", self.output)
+            if m:
+                self.port.callback(int(m.group(1)))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.port.called:
+            self.port.errback(RuntimeError("twistd ended before listening:\n" + self.output.decode(errors="replace")))
+        self.reason = reason
+        self.ended.callback(None)
+
+
+class Daemon:
+    """A real ``twistd -n claudesrv`` on a free loopback port, in a data dir of its own."""
+
+    def __init__(self, testcase: TestCase, *args: str, env: dict[str, str] | None = None,
+                 claude: str = FAKE, listen: str = "tcp:0:interface=127.0.0.1") -> None:
+        self.testcase = testcase
+        self.dir = os.path.abspath(testcase.mktemp())
+        os.makedirs(self.dir)
+        self.data_dir = os.path.join(self.dir, "data")
+        self.state_dir = os.path.join(self.dir, "fake-state")
+        os.makedirs(self.state_dir)
+        self.args = ["-n", "--pidfile=", "claudesrv", "--listen", listen, "--data-dir", self.data_dir,
+                     "--claude", claude, *args]
+        self.env = dict(os.environ)
+        self.env["FAKE_STATE_DIR"] = self.state_dir
+        self.env.update(env or {})
+        self.proto = _DaemonProtocol()
+        self.port = 0
+        self.pid = 0
+
+    @inlineCallbacks
+    def start(self) -> Any:
+        transport = reactor.spawnProcess(  # type: ignore[attr-defined]
+            self.proto, TWISTD[0], TWISTD + self.args, env=self.env, path=self.dir)
+        self.pid = transport.pid
+        self.testcase.addCleanup(self.stop)
+        self.port = yield self.proto.port
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> str:
+        return self.proto.output.decode(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        if self.proto.reason is None:
+            os.kill(self.pid, signum)
+
+    @inlineCallbacks
+    def stop(self) -> Any:
+        """SIGTERM, then wait for the exit (SIGKILL if it takes more than 20 s)."""
+        if self.proto.reason is None:
+            self.signal(signal.SIGTERM)
+            killer = reactor.callLater(20, self.signal, signal.SIGKILL)  # type: ignore[attr-defined]
+            yield self.proto.ended
+            if killer.active():
+                killer.cancel()
+        return self.proto.reason
+
+    def exited_cleanly(self, reason: Failure) -> bool:
+        return reason.check(ProcessDone) is not None or (
+            reason.check(ProcessTerminated) is not None and reason.value.exitCode == 0)
+
+    # ---- what the daemon and the fake left on disk
+
+    def rows(self) -> list[tuple[str, str]]:
+        path = os.path.join(self.data_dir, "sessions.db")
+        if not os.path.exists(path):
+            return []
+        with sqlite3.connect(path) as db:
+            return list(db.execute("SELECT claude_session_id, workspace_path FROM sessions"))
+
+    def workspaces(self) -> list[str]:
+        root = os.path.join(self.data_dir, "Workspace")
+        return sorted(os.listdir(root)) if os.path.isdir(root) else []
+
+    def invocations(self) -> list[dict[str, Any]]:
+        path = os.path.join(self.state_dir, "invocations.jsonl")
+        if not os.path.exists(path):
+            return []
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    def grandchildren(self) -> list[int]:
+        path = os.path.join(self.state_dir, "grandchildren")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [int(x) for x in f.read().split()]
+
+    def signals(self) -> list[str]:
+        path = os.path.join(self.state_dir, "signals.log")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [line.split()[1] for line in f if line.strip()]
+
+
+class Reply:
+    """An HTTP answer: status, headers, and the SSE stream (or JSON body) read to its end."""
+
+    def __init__(self, status: int, headers: Any, sse: SSEParser) -> None:
+        self.status = status
+        self.headers = headers
+        self.sse = sse
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.getRawHeaders(name)
+        return values[0] if values else None
+
+    def json(self) -> Any:
+        return json.loads(bytes(self.sse.raw))
+
+
+@inlineCallbacks
+def post(url: str, body: Any, headers: dict[str, str] | None = None, raw: bytes | None = None,
+         on_frame: Any = None) -> Any:
+    """POST JSON (or raw bytes) and read the whole answer."""
+    data = raw if raw is not None else json.dumps(body).encode()
+    hdrs = {"Content-Type": "application/json"}
+    hdrs.update(headers or {})
+    response = yield treq.post(url, data=data, headers=hdrs, persistent=False)
+    sse = SSEParser()
+
+    def collect(chunk: bytes) -> None:
+        before = len(sse.frames)
+        sse.feed(chunk)
+        if on_frame is not None and len(sse.frames) > before:
+            on_frame(sse)
+
+    yield treq.collect(response, collect)
+    return Reply(response.code, response.headers, sse)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@inlineCallbacks
+def wait_for(predicate: Any, timeout: float = 10.0, step: float = 0.05) -> Any:
+    """Poll until predicate() is true; fail the test after timeout seconds."""
+    waited = 0.0
+    while not predicate():
+        if waited >= timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        yield sleep(step)
+        waited += step
+    return True
