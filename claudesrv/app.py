@@ -69,8 +69,12 @@ class ClaudeAPI:
     app = Klein()
 
     def __init__(self, runs: RunManager, store: SessionStore, workspaces: Workspaces,
-                 cli: ClaudeExecutable, max_prompt: int = 1 << 20) -> None:
+                 cli: ClaudeExecutable, max_prompt: int = 1 << 20, skip_permissions: str = "allow",
+                 as_root: bool = False, sandboxed: bool = False) -> None:
         self.runs = runs
+        self.skip_permissions = skip_permissions
+        self.as_root = as_root
+        self.sandboxed = sandboxed
         self.store = store
         self.workspaces = workspaces
         self.cli = cli
@@ -86,6 +90,8 @@ class ClaudeAPI:
         """Start or resume a session; the answer is the CLI's stream as Server-Sent Events."""
         assert request.content is not None
         turn = parse_request(request.content.read(), self.max_prompt)
+        if turn.skip_permissions:
+            self._check_skip_permissions()
         if self.cli.find() is None:
             raise ApiError(503, "cli_not_found", f"the Claude CLI {self.cli.name!r} was not found: {INSTALL_HINT}")
         if turn.session_id is None:
@@ -93,6 +99,17 @@ class ClaudeAPI:
         d: Deferred[Any] = self.store.lookup(turn.session_id)
         d.addCallback(self._resume, request, turn)
         return d
+
+    def _check_skip_permissions(self) -> None:
+        if self.skip_permissions == "deny":
+            raise ApiError(403, "skip_permissions_denied",
+                           "this server does not allow dangerously-skip-permissions (--skip-permissions deny)",
+                           "dangerously-skip-permissions")
+        if self.as_root and not self.sandboxed:
+            raise ApiError(403, "skip_permissions_as_root",
+                           "the daemon runs as root, and the Claude CLI refuses --dangerously-skip-permissions "
+                           "as root; run the daemon as another user, or, only inside a container or VM, start it "
+                           "with --sandboxed", "dangerously-skip-permissions")
 
     def _resume(self, stored: str | None, request: IRequest, turn: ClaudeRequest) -> Any:
         if stored is None:

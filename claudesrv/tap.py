@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import os
+import signal
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.application import service, strports
@@ -16,6 +18,15 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from claudesrv.app import INSTALL_HINT, ClaudeAPI, ClaudeExecutable
+from claudesrv.guard import (
+    Guard,
+    LimitedChannel,
+    Policy,
+    env_tokens,
+    is_loopback_listener,
+    read_token_file,
+    request_factory,
+)
 from claudesrv.process import spawner
 from claudesrv.runs import Limits, RunManager
 from claudesrv.store import SessionStore
@@ -57,11 +68,38 @@ class Options(usage.Options):
         ["kill-grace", None, 5.0, "Seconds between SIGINT and SIGTERM when a run is stopped; "
                                   "SIGKILL follows 2 s later.", _seconds],
         ["max-prompt", None, 1 << 20, "Largest prompt in bytes.", _positive],
+        ["max-body", None, 2 << 20, "Largest request body in bytes (413 beyond).", _positive],
+        ["auth-token-file", None, None, "File of bearer tokens, one a line (re-read on SIGHUP). Tokens can "
+                                        "also come from the CLAUDESRV_AUTH_TOKENS environment variable "
+                                        "(comma-separated); never from the command line."],
+        ["skip-permissions", None, "allow", "allow or deny requests for dangerously-skip-permissions."],
+    ]
+    optFlags = [
+        ["insecure-no-auth", None, "Allow listening beyond loopback without any token (dangerous)."],
+        ["sandboxed", None, "Say the host is a container or VM: sets IS_SANDBOX=1 for the CLI, which lets a "
+                            "root daemon use dangerously-skip-permissions. Never on a real machine."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["allowed-host"] = []
+        self["cors-origin"] = []
+        self["deny-tool"] = []
+        self["tokens"] = []
+
+    def opt_allowed_host(self, host: str) -> None:
+        """A Host name to accept besides localhost while listening on loopback only (repeatable)."""
+        self["allowed-host"].append(host.lower())
+
+    def opt_cors_origin(self, origin: str) -> None:
+        """An origin that gets CORS headers, e.g. http://localhost:8080 (repeatable; '*' allows any,
+        dangerous without a token)."""
+        self["cors-origin"].append(origin)
+
+    def opt_deny_tool(self, tool: str) -> None:
+        """A tool always added to the CLI's disallowed tools, whatever the request says (repeatable)."""
+        self["deny-tool"].append(tool)
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:3000:interface=127.0.0.1 (repeatable;
@@ -73,13 +111,34 @@ class Options(usage.Options):
             self["listen"] = [DEFAULT_LISTEN]
         if self["max-queue"] < 0:
             raise usage.UsageError("--max-queue must be 0 or more")
+        if self["skip-permissions"] not in ("allow", "deny"):
+            raise usage.UsageError("--skip-permissions must be allow or deny")
+        self["tokens"] = load_tokens(self["auth-token-file"], os.environ)
+        exposed = [d for d in self["listen"] if not is_loopback_listener(d)]
+        if exposed and not self["tokens"] and not self["insecure-no-auth"]:
+            raise usage.UsageError(
+                f"refusing to listen on {exposed[0]!r} without authentication: anyone who can reach it could "
+                "run commands on this machine. Give --auth-token-file PATH or set CLAUDESRV_AUTH_TOKENS, "
+                "or pass --insecure-no-auth if you really mean it.")
+
+
+def load_tokens(path: str | None, environ: Mapping[str, str]) -> list[str]:
+    tokens = env_tokens(dict(environ))
+    if path:
+        try:
+            tokens += read_token_file(path)
+        except OSError as e:
+            raise usage.UsageError(f"cannot read --auth-token-file {path}: {e.strerror}") from None
+    return tokens
 
 
 class ClaudeService(service.Service):
     """Owns the database and the runs: opens one at start, ends the other cleanly at stop."""
 
     def __init__(self, store: SessionStore, runs: RunManager, workspaces: Workspaces,
-                 cli: ClaudeExecutable) -> None:
+                 cli: ClaudeExecutable, policy: Policy, token_file: str | None) -> None:
+        self.policy = policy
+        self.token_file = token_file
         self.store = store
         self.runs = runs
         self.workspaces = workspaces
@@ -92,8 +151,23 @@ class ClaudeService(service.Service):
         if self.cli.find() is None:
             log.warn("the Claude CLI {name!r} was not found; requests get 503 until it is: {hint}",
                      name=self.cli.name, hint=INSTALL_HINT)
+        if self.token_file:
+            signal.signal(signal.SIGHUP, lambda *_: self.runs.clock.callLater(0, self.reload_tokens))
         self.ready = self.store.start()
         self.ready.addErrback(lambda f: log.failure("could not open the session database", f))
+
+    def reload_tokens(self) -> None:
+        """SIGHUP: read the token file again; on error keep the tokens in force."""
+        try:
+            tokens = load_tokens(self.token_file, os.environ)
+        except usage.UsageError as e:
+            log.error("keeping the current tokens: {error}", error=str(e))
+            return
+        if not tokens and not self.policy.loopback_only:
+            log.error("keeping the current tokens: the token file is now empty")
+            return
+        self.policy.tokens = tokens
+        log.info("reloaded {n} auth token(s)", n=len(tokens))
 
     @inlineCallbacks
     def stopService(self) -> Any:
@@ -116,13 +190,24 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         max_runs=options["max-runs"], max_queue=options["max-queue"],
         run_timeout=options["run-timeout"], idle_timeout=options["idle-timeout"],
         keepalive=options["keepalive"], kill_grace=options["kill-grace"],
+        deny_tools=tuple(options["deny-tool"]), sandboxed=bool(options["sandboxed"]),
     )
     runs = RunManager(reactor, spawner(reactor), store, workspaces, cli.path, environ, limits)
-    api = ClaudeAPI(runs, store, workspaces, cli, max_prompt=options["max-prompt"])
+    api = ClaudeAPI(runs, store, workspaces, cli, max_prompt=options["max-prompt"],
+                    skip_permissions=options["skip-permissions"], as_root=os.geteuid() == 0,
+                    sandboxed=bool(options["sandboxed"]))
+    policy = Policy(
+        tokens=options["tokens"],
+        loopback_only=all(is_loopback_listener(d) for d in options["listen"]),
+        allowed_hosts=set(options["allowed-host"]),
+        cors_origins=set(options["cors-origin"]),
+        max_body=options["max-body"],
+    )
 
     top = service.MultiService()
-    ClaudeService(store, runs, workspaces, cli).setServiceParent(top)
-    site = Site(api.resource())
+    ClaudeService(store, runs, workspaces, cli, policy, options["auth-token-file"]).setServiceParent(top)
+    site = Site(Guard(api.resource(), policy, reactor), requestFactory=request_factory(options["max-body"]))
+    site.protocol = LimitedChannel  # type: ignore[method-assign, assignment]
     site.displayTracebacks = False
     for description in options["listen"]:
         strports.service(description, site).setServiceParent(top)

@@ -1,0 +1,207 @@
+"""
+The door in front of the API: Host check, CORS, bearer tokens, failed-auth throttling, body limits.
+
+It runs before Klein routes a request, so a refused request reaches no route, creates nothing and
+starts nothing. Every refusal is a JSON error like the API's own.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+log = Logger()
+
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]"}
+OPEN_PATHS = {b"/healthz"}
+AUTH_FAILURES_PER_MINUTE = 10
+
+
+def read_token_file(path: str) -> list[str]:
+    """One token a line; blank lines and lines starting with '#' are ignored."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+
+
+def env_tokens(environ: dict[str, str]) -> list[str]:
+    return [t.strip() for t in environ.get("CLAUDESRV_AUTH_TOKENS", "").split(",") if t.strip()]
+
+
+def is_loopback_listener(description: str) -> bool:
+    """
+    True only for a TCP endpoint bound to a loopback interface. A wildcard, an external interface,
+    TLS, unix sockets and systemd sockets all count as reachable from elsewhere.
+    """
+    parts = re.split(r"(?<!\\):", description)
+    kind = parts[0].lower() if len(parts) > 1 else "tcp"
+    if kind not in ("tcp", "tcp6"):
+        return False
+    interface = next((p.split("=", 1)[1] for p in parts[1:] if p.startswith("interface=")), "")
+    interface = interface.replace("\\:", ":").strip("[]").lower()
+    return interface == "localhost" or interface == "::1" or interface.startswith("127.")
+
+
+@dataclass
+class Policy:
+    """What the operator configured; tokens can be replaced at run time (SIGHUP)."""
+
+    tokens: list[str] = field(default_factory=list)
+    loopback_only: bool = True
+    allowed_hosts: set[str] = field(default_factory=set)
+    cors_origins: set[str] = field(default_factory=set)
+    max_body: int = 2 << 20
+
+
+class Guard(Resource):
+    """Wraps the Klein resource; every request passes here first."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource, policy: Policy, clock: IReactorTime) -> None:
+        super().__init__()
+        self.inner = inner
+        self.policy = policy
+        self.clock = clock
+        self.failures: dict[str, deque[float]] = {}
+
+    def render(self, request: IRequest) -> Any:
+        refusal = self._check(request)
+        if refusal is not None:
+            return refusal
+        return self.inner.render(request)
+
+    def _check(self, request: IRequest) -> bytes | None:
+        policy = self.policy
+        host = _host_name(request.getHeader(b"host") or b"")
+        if policy.loopback_only and host not in LOOPBACK_HOSTS and host not in policy.allowed_hosts:
+            return _refuse(request, 403, "host_not_allowed",
+                           "this server only answers requests for localhost; add --allowed-host to allow others")
+        origin = (request.getHeader(b"origin") or b"").decode("latin-1")
+        allowed_origin = origin and (origin in policy.cors_origins or "*" in policy.cors_origins)
+        if allowed_origin:
+            request.setHeader(b"Access-Control-Allow-Origin",
+                              b"*" if "*" in policy.cors_origins and origin not in policy.cors_origins
+                              else origin.encode("latin-1"))
+            request.setHeader(b"Vary", b"Origin")
+        if request.method == b"OPTIONS" and request.getHeader(b"access-control-request-method"):
+            if not allowed_origin:
+                return _refuse(request, 403, "origin_not_allowed",
+                               "this origin may not call the API (see --cors-origin)")
+            request.setResponseCode(204)
+            request.setHeader(b"Access-Control-Allow-Methods", b"GET, POST, DELETE, OPTIONS")
+            request.setHeader(b"Access-Control-Allow-Headers", b"Authorization, Content-Type")
+            request.setHeader(b"Access-Control-Max-Age", b"600")
+            return b""
+        if policy.tokens and request.path not in OPEN_PATHS:
+            refusal = self._authenticate(request)
+            if refusal is not None:
+                return refusal
+        if getattr(request, "body_too_large", False):
+            return _refuse(request, 413, "body_too_large", f"the body is larger than {policy.max_body} bytes")
+        if request.method == b"POST":
+            ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+            if ctype != b"application/json":
+                return _refuse(request, 415, "unsupported_media_type",
+                               "send the body as Content-Type: application/json")
+        return None
+
+    def _authenticate(self, request: IRequest) -> bytes | None:
+        peer = getattr(request.getClientAddress(), "host", "?")
+        now = self.clock.seconds()
+        recent = self.failures.get(peer)
+        if recent is not None:
+            while recent and recent[0] < now - 60:
+                recent.popleft()
+            if not recent:
+                del self.failures[peer]
+                recent = None
+        if recent is not None and len(recent) >= AUTH_FAILURES_PER_MINUTE:
+            request.setHeader(b"Retry-After", b"60")
+            return _refuse(request, 429, "too_many_auth_failures", "too many failed authentications; wait a minute")
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() == "bearer" and _token_matches(presented.strip(), self.policy.tokens):
+            return None
+        self.failures.setdefault(peer, deque()).append(now)
+        log.info("authentication failed from {peer}", peer=peer)
+        request.setHeader(b"WWW-Authenticate", b'Bearer realm="claudesrv"')
+        return _refuse(request, 401, "unauthorized", "send Authorization: Bearer <token>")
+
+
+def _token_matches(presented: str, tokens: Iterable[str]) -> bool:
+    """Constant time in the token's content: every configured token is compared."""
+    presented_bytes = presented.encode()
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(presented_bytes, token.encode())
+    return matched and bool(presented)
+
+
+def _host_name(host: bytes) -> str:
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[: text.find("]") + 1] if "]" in text else text
+    return text.rsplit(":", 1)[0] if ":" in text else text
+
+
+def _refuse(request: IRequest, status: int, code: str, message: str) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    log.info("{method} {path}: {status} {code}", method=request.method.decode("latin-1"),
+             path=request.path.decode("latin-1"), status=status, code=code)
+    return json.dumps({"error": {"code": code, "message": message}}).encode() + b"\n"
+
+
+class LimitedRequest(Request):
+    """A request that stops keeping its body once it passes C{max_body} bytes (chunked uploads)."""
+
+    max_body = 2 << 20
+    body_too_large = False
+    refused_early = False
+    _received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > self.max_body:
+            self.body_too_large = True
+            return
+        super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if not self.refused_early:
+            super().process()
+
+
+def request_factory(max_body: int) -> type[LimitedRequest]:
+    return type("LimitedRequest", (LimitedRequest,), {"max_body": max_body})
+
+
+class LimitedChannel(HTTPChannel):
+    """Answers 413 as soon as the headers declare a body over the limit, without reading it."""
+
+    def allHeadersReceived(self) -> None:
+        request = self.requests[-1]
+        max_body = getattr(request, "max_body", None)
+        if max_body is not None and self.length is not None and self.length > max_body:
+            request.refused_early = True
+            body = json.dumps({"error": {"code": "body_too_large",
+                                         "message": f"the body is larger than {max_body} bytes"}}).encode()
+            assert self.transport is not None
+            self.transport.write(
+                b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            self.transport.loseConnection()
+            return
+        super().allHeadersReceived()
