@@ -11,7 +11,7 @@ setup(
     # twisted/ and twisted/plugins/ have no __init__.py on purpose: Twisted owns those packages.
     packages=["claudesrv", "twisted.plugins"],
     package_dir={"": "."},
-    install_requires=["twisted[tls]", "klein", "treq", "service-identity"],
+    install_requires=["twisted[tls]", "klein", "treq", "service-identity", "prometheus_client"],
     extras_require={
         "test": ["mypy", "mypy-zope", "ruff", "httpx", "pydantic"],
     },

@@ -7,12 +7,14 @@ Routes know nothing of processes. Every error before streaming is an HTTP status
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 from typing import Any
 
 from klein import Klein
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -20,8 +22,10 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from claudesrv.command import ApiError, ClaudeRequest, is_canonical_uuid, parse_request
+from claudesrv.openapi import OPENAPI
 from claudesrv.runs import Busy, QueueFull, RunManager
-from claudesrv.store import SessionStore
+from claudesrv.sessions import Readiness, Sessions
+from claudesrv.store import SessionGroup, SessionStore
 from claudesrv.workspaces import WorkspaceError, Workspaces
 
 log = Logger()
@@ -57,6 +61,41 @@ def json_body(request: IRequest, status: int, payload: dict[str, Any]) -> bytes:
     return json.dumps(payload).encode() + b"\n"
 
 
+def _no_content(request: IRequest) -> bytes:
+    request.setResponseCode(204)
+    return b""
+
+
+def _int_arg(request: IRequest, name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name.encode(), [None])[0]
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_query", f"{name} must be a whole number", name) from None
+    if not low <= value <= high:
+        raise ApiError(400, "invalid_query", f"{name} must be between {low} and {high}", name)
+    return value
+
+
+def _encode_cursor(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"o{offset}".encode()).decode()
+
+
+def _cursor(request: IRequest) -> int:
+    raw = request.args.get(b"cursor", [None])[0]
+    if not raw:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(raw).decode()
+        if text.startswith("o") and text[1:].isdigit():
+            return int(text[1:])
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise ApiError(400, "invalid_query", "cursor is not one this server gave out", "cursor")
+
+
 def error_body(request: IRequest, status: int, code: str, message: str, **extra: Any) -> bytes:
     error: dict[str, Any] = {"code": code, "message": message}
     error.update(extra)
@@ -70,8 +109,12 @@ class ClaudeAPI:
 
     def __init__(self, runs: RunManager, store: SessionStore, workspaces: Workspaces,
                  cli: ClaudeExecutable, max_prompt: int = 1 << 20, skip_permissions: str = "allow",
-                 as_root: bool = False, sandboxed: bool = False) -> None:
+                 as_root: bool = False, sandboxed: bool = False, sessions: Sessions | None = None,
+                 readiness: Readiness | None = None, registry: CollectorRegistry | None = None) -> None:
         self.runs = runs
+        self.sessions = sessions or Sessions(store, workspaces, runs, {})
+        self.readiness = readiness or Readiness(store, workspaces, runs, cli)
+        self.registry = registry or CollectorRegistry()
         self.skip_permissions = skip_permissions
         self.as_root = as_root
         self.sandboxed = sandboxed
@@ -147,6 +190,77 @@ class ClaudeAPI:
             raise ApiError(409, "not_running", "this session has no running turn")
 
         return d.addCallback(answer)
+
+    @app.route("/api/sessions", methods=["GET"])
+    def list_sessions(self, request: IRequest) -> Any:
+        """Sessions, most recently used first, a page at a time."""
+        limit = _int_arg(request, "limit", 50, 1, 500)
+        offset = _cursor(request)
+        d = self.store.groups(limit + 1, offset)
+
+        def page(groups: list[SessionGroup]) -> bytes:
+            more = len(groups) > limit
+            body: dict[str, Any] = {"sessions": [self._item(g) for g in groups[:limit]],
+                                    "next_cursor": _encode_cursor(offset + limit) if more else None}
+            return json_body(request, 200, body)
+
+        return d.addCallback(page)
+
+    @app.route("/api/sessions/<session_id>", methods=["GET"])
+    def get_session(self, request: IRequest, session_id: str) -> Any:
+        return self._group(session_id).addCallback(lambda g: json_body(request, 200, self._item(g)))
+
+    @app.route("/api/sessions/<session_id>", methods=["DELETE"])
+    def delete_session(self, request: IRequest, session_id: str) -> Any:
+        """Remove every id of the session's workspace and the workspace itself (409 while a turn runs)."""
+        purge = request.args.get(b"purge_transcript", [b"false"])[0].lower() in (b"true", b"1", b"yes")
+
+        def delete(group: SessionGroup) -> Any:
+            if any(self.runs.busy(sid) for sid in group.session_ids):
+                raise ApiError(409, "session_busy", "a turn of this session is running; cancel it first")
+            return self.sessions.delete(group, purge).addCallback(lambda _: _no_content(request))
+
+        return self._group(session_id).addCallback(delete)
+
+    def _group(self, session_id: str) -> Deferred[SessionGroup]:
+        if not is_canonical_uuid(session_id):
+            raise ApiError(404, "session_not_found", f"no session {session_id} on this server")
+        d = self.store.group_of(session_id)
+
+        def found(group: SessionGroup | None) -> SessionGroup:
+            if group is None:
+                raise ApiError(404, "session_not_found", f"no session {session_id} on this server")
+            return group
+
+        return d.addCallback(found)
+
+    def _item(self, group: SessionGroup) -> dict[str, Any]:
+        return {"session_id": group.session_id, "session_ids": group.session_ids, "workspace": group.workspace,
+                "created_at": group.created_at, "last_used_at": group.last_used_at,
+                "running": any(self.runs.busy(sid) for sid in group.session_ids)}
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: IRequest) -> bytes:
+        """Liveness: the reactor answers. No auth, no data."""
+        return json_body(request, 200, {"status": "ok"})
+
+    @app.route("/readyz", methods=["GET"])
+    def readyz(self, request: IRequest) -> Any:
+        """Readiness: the CLI answers --version, the database answers, workspaces can be written, and
+        there is room for another request."""
+        return self.readiness.check().addCallback(
+            lambda checks: json_body(request, 200 if all(c["ok"] for c in checks.values()) else 503,
+                                     {"status": "ready" if all(c["ok"] for c in checks.values()) else "not_ready",
+                                      "checks": checks}))
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self.registry)
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        return json_body(request, 200, OPENAPI)
 
     # ------------------------------------------------------------------ errors
 

@@ -22,6 +22,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from claudesrv.metrics import HttpMetrics, route_of
+
 log = Logger()
 
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]"}
@@ -69,14 +71,21 @@ class Guard(Resource):
 
     isLeaf = True
 
-    def __init__(self, inner: Resource, policy: Policy, clock: IReactorTime) -> None:
+    def __init__(self, inner: Resource, policy: Policy, clock: IReactorTime,
+                 metrics: HttpMetrics | None = None) -> None:
         super().__init__()
         self.inner = inner
+        self.metrics = metrics
         self.policy = policy
         self.clock = clock
         self.failures: dict[str, deque[float]] = {}
 
     def render(self, request: IRequest) -> Any:
+        if self.metrics is not None:
+            started = self.clock.seconds()
+            metrics = self.metrics
+            request.notifyFinish().addBoth(lambda _: metrics.observe(  # type: ignore[attr-defined]
+                route_of(request.path), request.code, self.clock.seconds() - started))  # type: ignore[attr-defined]
         refusal = self._check(request)
         if refusal is not None:
             return refusal

@@ -8,6 +8,7 @@ a session id handed to a client is already on disk when the client sees it.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass
 from typing import Any, cast
@@ -25,12 +26,30 @@ CREATE TABLE IF NOT EXISTS sessions (
 """
 
 
+GROUPS = (
+    "SELECT workspace_path, MIN(created_at), MAX(last_used_at) AS last, MAX(rid) AS newest, "
+    "json_group_array(claude_session_id) FROM (SELECT rowid AS rid, * FROM sessions ORDER BY rowid) "
+    "GROUP BY workspace_path"
+)
+
+
 @dataclass(frozen=True)
-class SessionRow:
-    session_id: str
+class SessionGroup:
+    """The ids that share one workspace, newest first; C{session_id} is the one to resume."""
+
+    session_ids: list[str]
     workspace: str
     created_at: str
     last_used_at: str
+
+    @property
+    def session_id(self) -> str:
+        return self.session_ids[0]
+
+
+def _groups(rows: list[tuple[Any, ...]]) -> list[SessionGroup]:
+    return [SessionGroup(list(reversed(json.loads(ids))), workspace, created, last)
+            for workspace, created, last, _, ids in rows]
 
 
 def _open(connection: sqlite3.Connection) -> None:
@@ -78,18 +97,22 @@ class SessionStore:
             "UPDATE sessions SET last_used_at = CURRENT_TIMESTAMP WHERE claude_session_id = ?",
             (session_id,)))
 
-    def all_rows(self) -> Deferred[list[SessionRow]]:
-        """Every row, most recently used first."""
-        d = self._pool.runQuery(
-            "SELECT claude_session_id, workspace_path, created_at, last_used_at FROM sessions "
-            "ORDER BY last_used_at DESC, rowid DESC")
-        return cast("Deferred[list[SessionRow]]", d.addCallback(lambda rows: [SessionRow(*r) for r in rows]))
+    def groups(self, limit: int, offset: int) -> Deferred[list[SessionGroup]]:
+        """Sessions grouped by workspace (a resumed session that got a new id is one group),
+        the most recently used first."""
+        d = self._pool.runQuery(GROUPS + " ORDER BY last DESC, newest DESC LIMIT ? OFFSET ?", (limit, offset))
+        return cast("Deferred[list[SessionGroup]]", d.addCallback(_groups))
 
-    def rows_of_workspace(self, workspace: str) -> Deferred[list[SessionRow]]:
+    def group_of(self, session_id: str) -> Deferred[SessionGroup | None]:
         d = self._pool.runQuery(
-            "SELECT claude_session_id, workspace_path, created_at, last_used_at FROM sessions "
-            "WHERE workspace_path = ? ORDER BY last_used_at DESC, rowid DESC", (workspace,))
-        return cast("Deferred[list[SessionRow]]", d.addCallback(lambda rows: [SessionRow(*r) for r in rows]))
+            GROUPS.replace("GROUP BY", "WHERE workspace_path = (SELECT workspace_path FROM sessions "
+                                       "WHERE claude_session_id = ?) GROUP BY"), (session_id,))
+        return cast("Deferred[SessionGroup | None]", d.addCallback(lambda rows: next(iter(_groups(rows)), None)))
+
+    def idle_since(self, cutoff: str) -> Deferred[list[SessionGroup]]:
+        """Groups whose last use is older than C{cutoff} ('YYYY-MM-DD HH:MM:SS', UTC)."""
+        d = self._pool.runQuery(GROUPS + " HAVING last < ?", (cutoff,))
+        return cast("Deferred[list[SessionGroup]]", d.addCallback(_groups))
 
     def delete_workspace(self, workspace: str) -> Deferred[None]:
         return cast("Deferred[None]", self._pool.runOperation(

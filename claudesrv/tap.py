@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.application import service, strports
+from twisted.application.internet import TimerService
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
@@ -27,8 +28,10 @@ from claudesrv.guard import (
     read_token_file,
     request_factory,
 )
+from claudesrv.metrics import registry_for
 from claudesrv.process import spawner
 from claudesrv.runs import Limits, RunManager
+from claudesrv.sessions import Readiness, Sessions
 from claudesrv.store import SessionStore
 from claudesrv.workspaces import Workspaces
 
@@ -72,6 +75,8 @@ class Options(usage.Options):
         ["auth-token-file", None, None, "File of bearer tokens, one a line (re-read on SIGHUP). Tokens can "
                                         "also come from the CLAUDESRV_AUTH_TOKENS environment variable "
                                         "(comma-separated); never from the command line."],
+        ["session-ttl", None, 0.0, "Delete sessions (rows and workspaces) idle this many seconds (0: keep).",
+         _seconds],
         ["skip-permissions", None, "allow", "allow or deny requests for dangerously-skip-permissions."],
     ]
     optFlags = [
@@ -193,9 +198,12 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         deny_tools=tuple(options["deny-tool"]), sandboxed=bool(options["sandboxed"]),
     )
     runs = RunManager(reactor, spawner(reactor), store, workspaces, cli.path, environ, limits)
+    sessions = Sessions(store, workspaces, runs, environ)
+    registry, http_metrics = registry_for(runs)
     api = ClaudeAPI(runs, store, workspaces, cli, max_prompt=options["max-prompt"],
                     skip_permissions=options["skip-permissions"], as_root=os.geteuid() == 0,
-                    sandboxed=bool(options["sandboxed"]))
+                    sandboxed=bool(options["sandboxed"]), sessions=sessions,
+                    readiness=Readiness(store, workspaces, runs, cli), registry=registry)
     policy = Policy(
         tokens=options["tokens"],
         loopback_only=all(is_loopback_listener(d) for d in options["listen"]),
@@ -206,7 +214,13 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
 
     top = service.MultiService()
     ClaudeService(store, runs, workspaces, cli, policy, options["auth-token-file"]).setServiceParent(top)
-    site = Site(Guard(api.resource(), policy, reactor), requestFactory=request_factory(options["max-body"]))
+    ttl = options["session-ttl"]
+    if ttl > 0:
+        expiry = TimerService(min(ttl, 60.0), sessions.expire, ttl)
+        expiry.clock = reactor
+        expiry.setServiceParent(top)
+    guard = Guard(api.resource(), policy, reactor, http_metrics)
+    site = Site(guard, requestFactory=request_factory(options["max-body"]))
     site.protocol = LimitedChannel  # type: ignore[method-assign, assignment]
     site.displayTracebacks = False
     for description in options["listen"]:

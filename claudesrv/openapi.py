@@ -1,0 +1,87 @@
+"""The OpenAPI description served at /openapi.json; a test checks it against the routes the app serves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {400: "Bad request (the error names the field)", 401: "Missing or wrong bearer token",
+            403: "Refused by policy (Host, origin, skip-permissions)", 404: "Unknown session",
+            405: "Wrong method", 409: "The session is busy, or has no running turn", 410: "Workspace gone",
+            413: "Body too large", 415: "Body is not application/json", 429: "Too many failed authentications",
+            503: "CLI missing, or no run slot or queue place (Retry-After)"}
+    return {str(c): {"description": text[c], "content": {"application/json": {"schema": _ERROR}}} for c in codes}
+
+
+_COMMON = (401, 403, 405, 429)
+_SESSION_ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+_SESSION = {"$ref": "#/components/schemas/Session"}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "claudesrv", "version": "0.1.0",
+             "description": "The Claude Code CLI behind HTTP: each turn streams the CLI's stream-json lines as SSE."},
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                               "field": {"type": "string"}}}}},
+            "Turn": {"type": "object", "required": ["prompt"], "additionalProperties": False, "properties": {
+                "prompt": {"type": "string", "minLength": 1},
+                "session_id": {"type": "string", "format": "uuid"},
+                "dangerously-skip-permissions": {"type": "boolean"},
+                "allowedTools": {"type": "array", "items": {"type": "string", "minLength": 1}},
+                "disallowedTools": {"type": "array", "items": {"type": "string", "minLength": 1}}}},
+            "Session": {"type": "object", "properties": {
+                "session_id": {"type": "string"}, "session_ids": {"type": "array", "items": {"type": "string"}},
+                "workspace": {"type": "string"}, "created_at": {"type": "string"},
+                "last_used_at": {"type": "string"}, "running": {"type": "boolean"}}},
+        },
+    },
+    "security": [{"bearer": []}],
+    "paths": {
+        "/api/claude": {"post": {
+            "summary": "Start (no session_id) or resume a session; streams the CLI's lines as SSE",
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Turn"}}}},
+            "responses": {"200": {"description": "data: <stream-json line> events, ending with one result",
+                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                          **_errors(400, 404, 409, 410, 413, 415, 503, *_COMMON)}}},
+        "/api/sessions": {"get": {
+            "summary": "Sessions, most recently used first",
+            "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                        "maximum": 500, "default": 50}},
+                           {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "A page", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"sessions": {"type": "array", "items": _SESSION},
+                                                 "next_cursor": {"type": "string", "nullable": True}}}}}},
+                          **_errors(400, *_COMMON)}}},
+        "/api/sessions/{session_id}": {
+            "get": {"summary": "One session", "parameters": [_SESSION_ID],
+                    "responses": {"200": {"description": "The session",
+                                          "content": {"application/json": {"schema": _SESSION}}},
+                                  **_errors(404, *_COMMON)}},
+            "delete": {"summary": "Delete a session, its ids and its workspace", "parameters": [
+                _SESSION_ID, {"name": "purge_transcript", "in": "query", "schema": {"type": "boolean"}}],
+                       "responses": {"204": {"description": "Deleted"}, **_errors(404, 409, *_COMMON)}}},
+        "/api/sessions/{session_id}/cancel": {"post": {
+            "summary": "Interrupt the session's running turn", "parameters": [_SESSION_ID],
+            "responses": {"202": {"description": "Cancelling; the stream ends with its result"},
+                          **_errors(404, 409, *_COMMON)}}},
+        "/healthz": {"get": {"summary": "Liveness (no auth)", "security": [],
+                             "responses": {"200": {"description": "{\"status\": \"ok\"}"}}}},
+        "/readyz": {"get": {"summary": "Readiness checks",
+                            "responses": {"200": {"description": "Ready"}, "503": {"description": "Not ready"},
+                                          **_errors(*_COMMON)}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics",
+                             "responses": {"200": {"description": "text/plain exposition format"},
+                                           **_errors(*_COMMON)}}},
+        "/openapi.json": {"get": {"summary": "This document",
+                                  "responses": {"200": {"description": "OpenAPI 3"}, **_errors(*_COMMON)}}},
+    },
+}
