@@ -34,22 +34,29 @@ class SSEParser:
     """A strict client-side reading of an SSE stream: data frames and comments, in order."""
 
     def __init__(self) -> None:
-        self.buffer = b""
+        self.buffer = bytearray()
         self.frames: list[bytes] = []
         self.comments: list[bytes] = []
         self.raw = bytearray()
 
     def feed(self, data: bytes) -> None:
         self.raw += data
+        scan = max(0, len(self.buffer) - 1)
         self.buffer += data
-        while b"\n\n" in self.buffer:
-            block, self.buffer = self.buffer.split(b"\n\n", 1)
+        start = 0
+        while True:
+            end = self.buffer.find(b"\n\n", scan)
+            if end < 0:
+                break
+            block = bytes(self.buffer[start:end])
             if block.startswith(b":"):
                 self.comments.append(block)
             else:
                 assert block.startswith(b"data: "), block[:80]
                 assert b"\n" not in block, "one data line per event"
                 self.frames.append(block[len(b"data: "):])
+            start = scan = end + 2
+        del self.buffer[:start]
 
     def events(self) -> list[dict[str, Any]]:
         return [json.loads(f) for f in self.frames]
@@ -131,11 +138,14 @@ class Daemon:
             yield self.proto.ended
             if killer.active():
                 killer.cancel()
-        return self.proto.reason
 
-    def exited_cleanly(self, reason: Failure) -> bool:
-        return reason.check(ProcessDone) is not None or (
-            reason.check(ProcessTerminated) is not None and reason.value.exitCode == 0)
+    def exited_cleanly(self) -> bool:
+        """twistd ends a SIGTERM shutdown by re-raising SIGTERM on itself; anything else is a failure."""
+        reason = self.proto.reason
+        assert reason is not None
+        if reason.check(ProcessDone):
+            return True
+        return reason.check(ProcessTerminated) is not None and reason.value.signal == signal.SIGTERM
 
     # ---- what the daemon and the fake left on disk
 

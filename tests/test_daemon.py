@@ -211,8 +211,8 @@ class CoreTests(TestCase):
         self.assertEqual((reply.status, reply.json()["error"]["code"]), (400, "invalid_json"))
         reply = yield self.claude(prompt="x", allowedTools="Bash")
         self.assertEqual((reply.status, reply.json()["error"]["field"]), (400, "allowedTools"))
-        out = yield utils.getProcessOutput("curl", ["-s", "-i", self.daemon.url + "/api/claude"],
-                                           env=os.environ)
+        out, _, _ = yield utils.getProcessOutputAndValue("curl", ["-s", "-i", self.daemon.url + "/api/claude"],
+                                                         env=os.environ)
         self.assertIn(b"405 Method Not Allowed", out)
         self.assertIn(b'"method_not_allowed"', out)
 
@@ -223,7 +223,8 @@ class CoreTests(TestCase):
             readme = f.read()
         command = next(line for line in readme.splitlines() if line.startswith("curl -N "))
         command = command.replace("localhost:3000", f"127.0.0.1:{self.daemon.port}")
-        out = yield utils.getProcessOutput("sh", ["-c", command], env=os.environ)
+        out, _, code = yield utils.getProcessOutputAndValue("sh", ["-c", command], env=os.environ)
+        self.assertEqual(code, 0)
         frames = [f for f in out.split(b"\n\n") if f.startswith(b"data: ")]
         self.assertIn(b'"type":"system"', frames[0])
         self.assertIn(b'"type":"result"', frames[-1])
