@@ -1,0 +1,775 @@
+"""
+title: Claude Code (claudesrv)
+author: claudesrv
+version: 0.1.0
+license: MIT
+description: Chat with Claude Code through a claudesrv server, one Claude Code session per chat.
+"""
+
+# How to use (for the admin who pastes this file under Admin > Functions):
+#   1. Set the valve base_url to the claudesrv server, and api_token if the server wants one.
+#   2. Switch the function on; "Claude Code (claudesrv)" appears as a model.
+#
+# How to use (for the person chatting): type a request. Lines of these forms, one per line,
+# are read as settings instead of being sent to Claude:
+#   dangerously-skip-permissions=true
+#   allowedTools=["Bash","Edit"]         (or allowedTools=Bash,Edit)
+#   disallowedTools=["WebFetch"]
+#   new_session=true                     (start a fresh Claude Code session with this message)
+#   prompt=...                           (this line's value and every line after it, verbatim)
+# Settings given in earlier messages of the chat stay in force until overridden. Every other
+# line, including other "x=y" lines, is part of the prompt.
+#
+# Each answer ends with a line "session_id=<uuid>": the next message resumes that session.
+# The server enforces what is allowed; this pipe only forwards what the user asked for.
+
+import codecs
+import json
+import logging
+import re
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+
+EventEmitter = Callable[[dict[str, Any]], Awaitable[Any]]
+
+UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+SESSION_MARKER = re.compile(r"^session_id=(" + UUID_PATTERN + r")$", re.MULTILINE)
+SESSION_ID = re.compile(UUID_PATTERN)
+
+SKIP_PERMISSIONS = "dangerously-skip-permissions"
+ALLOWED_TOOLS = "allowedTools"
+DISALLOWED_TOOLS = "disallowedTools"
+NEW_SESSION = "new_session"
+PROMPT = "prompt"
+PARAMETER_LINE = re.compile(
+    r"^[ \t]*(dangerously-skip-permissions|allowedTools|disallowedTools|new_session|prompt)[ \t]*=(.*)$"
+)
+# Settings that carry over from earlier messages of a chat (prompt and new_session apply once).
+LASTING_KEYS = (SKIP_PERMISSIONS, ALLOWED_TOOLS, DISALLOWED_TOOLS)
+
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+
+STDERR_MAX_CHARS = 4000
+SUMMARY_MAX_CHARS = 80
+TITLE_MAX_CHARS = 60
+MAX_REMEMBERED_CHATS = 10_000
+
+NEW_SESSION_HINT = "Send your message again with a line `new_session=true` to start a fresh session."
+
+
+class ParamError(ValueError):
+    """A parameter line in the user's message has a value the pipe refuses to send."""
+
+
+# --------------------------------------------------------------------------- Server-Sent Events
+
+
+class SSEDecoder:
+    """
+    Turns the bytes of a text/event-stream into the data of each event, as the bytes arrive.
+
+    Follows the SSE rules: lines end in CRLF, LF or CR; a blank line ends an event; lines
+    starting with ":" (keepalives) are comments; several "data:" lines join with "\\n". Frames
+    may be split anywhere across chunks, even inside a UTF-8 character or between CR and LF.
+    """
+
+    _LINE_END = re.compile(r"\r\n|\r|\n")
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._partial: list[str] = []  # pieces of the line not yet ended
+        self._data: list[str] = []  # the data lines of the event not yet ended
+        self._skip_lf = False  # the last chunk ended in CR: a leading LF belongs to it
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """Take the next chunk; return the data of every event it completes."""
+        text = self._utf8.decode(chunk)
+        if not text:
+            return []
+        events: list[str] = []
+        position = 0
+        if self._skip_lf and text.startswith("\n"):
+            position = 1
+        self._skip_lf = False
+        for end in self._LINE_END.finditer(text, position):
+            line = "".join(self._partial) + text[position:end.start()]
+            self._partial.clear()
+            position = end.end()
+            if end.group() == "\r" and position == len(text):
+                self._skip_lf = True
+            data = self._line(line)
+            if data is not None:
+                events.append(data)
+        if position < len(text):
+            self._partial.append(text[position:])
+        return events
+
+    def _line(self, line: str) -> str | None:
+        if not line:
+            if not self._data:
+                return None
+            data = "\n".join(self._data)
+            self._data.clear()
+            return data
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+
+def parse_sse(chunks: Iterable[bytes]) -> Iterator[str]:
+    """The data of each complete event in a stream given as chunks of bytes."""
+    decoder = SSEDecoder()
+    for chunk in chunks:
+        yield from decoder.feed(chunk)
+
+
+def decode_event(data: str) -> dict[str, Any] | None:
+    """One event's data as the CLI's JSON object, or None when it is not one."""
+    try:
+        event = json.loads(data)
+    except ValueError:
+        log.warning("claudesrv sent an event that is not JSON: %.200s", data)
+        return None
+    return event if isinstance(event, dict) else None
+
+
+# --------------------------------------------------------------------------- messages and parameters
+
+
+def message_text(content: Any) -> str:
+    """The text of a message's content: a string, or a list of parts of which the text parts count."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts: list[str] = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+        return "\n".join(texts)
+    return ""
+
+
+def parse_bool(key: str, value: str) -> bool:
+    """A yes/no parameter value."""
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ParamError(f"`{key}` must be true or false, not `{value}`.")
+
+
+def split_tools(value: str) -> list[str]:
+    """Split ``Bash,Edit`` at the commas outside parentheses, so ``Bash(touch a,b)`` stays whole."""
+    tools: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for char in value:
+        if char == "," and depth == 0:
+            tools.append("".join(current))
+            current = []
+            continue
+        if char == "(":
+            depth += 1
+        elif char == ")" and depth > 0:
+            depth -= 1
+        current.append(char)
+    tools.append("".join(current))
+    return [tool.strip() for tool in tools if tool.strip()]
+
+
+def parse_tools(key: str, value: str) -> list[str]:
+    """A tool list: a JSON list of strings (``["Bash","Edit"]``) or names separated by commas."""
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            items = json.loads(value)
+        except ValueError:
+            raise ParamError(f'`{key}` must be a JSON list of tool names, such as ["Bash","Edit"].') from None
+        if not isinstance(items, list) or not all(isinstance(item, str) and item.strip() for item in items):
+            raise ParamError(f'`{key}` must be a list of non-empty tool names, such as ["Bash","Edit"].')
+        tools = [item.strip() for item in items]
+    else:
+        tools = split_tools(value)
+    for tool in tools:
+        if tool.startswith("-"):
+            raise ParamError(f"`{key}` holds `{tool}`: tool names must not start with `-`.")
+        if any(ord(char) < 32 or ord(char) == 127 for char in tool):
+            raise ParamError(f"`{key}` holds a tool name with control characters.")
+    return tools
+
+
+def parse_params(text: str) -> tuple[dict[str, Any], str]:
+    """
+    Split a user's message into its parameter lines and its prompt.
+
+    Only the known keys are read (dangerously-skip-permissions, allowedTools, disallowedTools,
+    new_session, prompt), one per line; every other line, ``x=y`` lines included, stays in the
+    prompt. ``prompt=`` takes its own value and every line after it verbatim, after any other
+    text before it. A value starting with ``-`` is refused with L{ParamError}.
+    Returns the parameters (keyed as the server names them) and the prompt, trimmed.
+    """
+    params: dict[str, Any] = {}
+    kept: list[str] = []
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        match = PARAMETER_LINE.match(line.rstrip("\r"))
+        if match is None:
+            kept.append(line)
+            continue
+        key, value = match.group(1), match.group(2)
+        if key == PROMPT:
+            value = "\n".join([line[match.start(2):], *lines[index + 1:]]).lstrip(" \t")
+            if value.startswith("-"):
+                raise ParamError("`prompt` must not start with `-`.")
+            kept.append(value)
+            break
+        value = value.strip()
+        if value.startswith("-"):
+            raise ParamError(f"`{key}` must not start with `-` (got `{value}`).")
+        if key in (SKIP_PERMISSIONS, NEW_SESSION):
+            params[key] = parse_bool(key, value)
+        else:
+            params[key] = parse_tools(key, value)
+    return params, "\n".join(kept).strip()
+
+
+def user_messages(messages: list[dict[str, Any]]) -> list[str]:
+    """The text of every user message, oldest first."""
+    return [message_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+
+
+def collect_params(messages: list[dict[str, Any]], valves: Any) -> tuple[dict[str, Any], str]:
+    """
+    The parameters in force for the newest user message, and its prompt.
+
+    The valves give the defaults; settings from earlier user messages carry over (a message that
+    was refused counts for nothing); the newest message overrides them. Raises L{ParamError}
+    when the newest message has a refused value.
+    """
+    params: dict[str, Any] = {
+        SKIP_PERMISSIONS: bool(valves.default_skip_permissions),
+        ALLOWED_TOOLS: parse_tools("default_allowed_tools valve", valves.default_allowed_tools),
+        DISALLOWED_TOOLS: parse_tools("default_disallowed_tools valve", valves.default_disallowed_tools),
+    }
+    texts = user_messages(messages)
+    if not texts:
+        return params, ""
+    for earlier in texts[:-1]:
+        try:
+            given, _ = parse_params(earlier)
+        except ParamError:
+            continue
+        params.update({key: value for key, value in given.items() if key in LASTING_KEYS})
+    given, prompt = parse_params(texts[-1])
+    params.update(given)
+    return params, prompt
+
+
+def build_payload(prompt: str, params: dict[str, Any], session_id: str | None) -> dict[str, Any]:
+    """The JSON body of POST /api/claude."""
+    payload: dict[str, Any] = {"prompt": prompt}
+    if session_id is not None:
+        payload["session_id"] = session_id
+    if params.get(SKIP_PERMISSIONS):
+        payload[SKIP_PERMISSIONS] = True
+    for key in (ALLOWED_TOOLS, DISALLOWED_TOOLS):
+        if params.get(key):
+            payload[key] = list(params[key])
+    return payload
+
+
+def describe_params(params: dict[str, Any]) -> str:
+    """The lasting settings as the user would type them."""
+    return "\n".join(f"{key}={json.dumps(params[key])}" for key in LASTING_KEYS if key in params)
+
+
+def has_parameters(text: str) -> bool:
+    """Whether the text holds at least one parameter line."""
+    return any(PARAMETER_LINE.match(line.rstrip("\r")) for line in text.split("\n"))
+
+
+def empty_prompt_reply(messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
+    """What to answer, without calling the server, when the newest message has no prompt."""
+    texts = user_messages(messages)
+    if params.get(NEW_SESSION):
+        return "Put your request in the same message as `new_session=true`."
+    if texts and has_parameters(texts[-1]):
+        return ("These settings apply to your next messages in this chat:\n\n"
+                + code_block(describe_params(params)))
+    return "There is nothing to send: the message has no text."
+
+
+# --------------------------------------------------------------------------- sessions
+
+_DETAILS_INNERMOST = re.compile(r"<details\b[^>]*>(?:(?!<details\b).)*?</details\s*>", re.IGNORECASE | re.DOTALL)
+_DETAILS_UNCLOSED = re.compile(r"<details\b.*", re.IGNORECASE | re.DOTALL)
+
+
+def strip_details(text: str) -> str:
+    """The text without its ``<details>`` blocks (nested ones too; an unclosed one runs to the end)."""
+    while True:
+        stripped = _DETAILS_INNERMOST.sub("", text)
+        if stripped == text:
+            break
+        text = stripped
+    return _DETAILS_UNCLOSED.sub("", text)
+
+
+def find_session_id(messages: list[dict[str, Any]]) -> str | None:
+    """
+    The session to resume: the newest ``session_id=<uuid>`` line outside ``<details>`` blocks in
+    the assistant messages, searching the newest message first (the last marker within it wins).
+    """
+    for message in reversed(messages):
+        if not isinstance(message, dict) or message.get("role") != "assistant":
+            continue
+        found = SESSION_MARKER.findall(strip_details(message_text(message.get("content"))))
+        if found:
+            return str(found[-1])
+    return None
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def truncate(text: str, limit: int) -> str:
+    """At most ``limit`` characters of the text, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n… ({len(text) - limit} more characters)"
+
+
+def truncate_start(text: str, limit: int) -> str:
+    """The last ``limit`` characters of the text (where error messages usually are)."""
+    if len(text) <= limit:
+        return text
+    return f"({len(text) - limit} characters before) …\n" + text[-limit:]
+
+
+def defuse_tags(text: str) -> str:
+    """
+    Keep ``<details>`` and ``<summary>`` tags in shown output from opening or closing our
+    collapsible blocks (Open WebUI matches them even inside code blocks): a zero-width space
+    after the ``<`` leaves them looking the same but inert.
+    """
+    return re.sub(r"<(/?(?:details|summary))", "<\u200b\\1", text, flags=re.IGNORECASE)
+
+
+def code_block(text: str, language: str = "") -> str:
+    """A fenced code block whose fence is longer than any backtick run inside the text."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{defuse_tags(text)}\n{fence}"
+
+
+def collapsible(summary: str, body: str) -> str:
+    """A closed ``<details>`` block: a one-line plain-text summary and a Markdown body."""
+    head = f"<details>\n<summary>{defuse_tags(one_line(summary, 2 * SUMMARY_MAX_CHARS))}</summary>"
+    if not body:
+        return head + "\n</details>"
+    return f"{head}\n\n{body}\n\n</details>"
+
+
+def one_line(text: str, limit: int = SUMMARY_MAX_CHARS) -> str:
+    """Text squeezed onto one line of at most ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def tool_hint(tool_input: Any) -> str:
+    """The most telling argument of a tool call, for its one-line summary."""
+    if isinstance(tool_input, dict):
+        for key in ("command", "file_path", "path", "pattern", "url", "query", "description", "prompt"):
+            value = tool_input.get(key)
+            if isinstance(value, str) and value.strip():
+                return one_line(value)
+    return ""
+
+
+def tool_result_text(content: Any) -> str:
+    """A tool result's content as text: a string, or a list of text (and image) parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts: list[str] = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text":
+                texts.append(str(part.get("text", "")))
+            elif isinstance(part, dict) and part.get("type") == "image":
+                texts.append("[image]")
+            elif isinstance(part, str):
+                texts.append(part)
+        return "\n".join(texts)
+    if content is None:
+        return ""
+    return json.dumps(content, ensure_ascii=False)
+
+
+def render_tool_use(block: dict[str, Any], valves: Any) -> str:
+    """A tool call as a collapsed block: name and main argument, then the arguments as JSON."""
+    name = str(block.get("name") or "tool")
+    hint = tool_hint(block.get("input"))
+    summary = f"Tool: {name}" + (f": {hint}" if hint else "")
+    body = ""
+    if valves.tool_output_max_chars > 0:
+        arguments = json.dumps(block.get("input", {}), indent=2, ensure_ascii=False)
+        body = code_block(truncate(arguments, valves.tool_output_max_chars), "json")
+    return collapsible(summary, body)
+
+
+def render_tool_result(block: dict[str, Any], valves: Any) -> str:
+    """A tool result as a collapsed block: a preview in the summary, then the (truncated) output."""
+    text = tool_result_text(block.get("content"))
+    summary = "Tool error" if block.get("is_error") else "Tool result"
+    summary += f": {one_line(text)}" if text.strip() else " (empty)"
+    body = ""
+    if valves.tool_output_max_chars > 0 and text.strip():
+        body = code_block(truncate(text, valves.tool_output_max_chars))
+    return collapsible(summary, body)
+
+
+def render_error(event: dict[str, Any]) -> str:
+    """A readable account of a ``result`` event whose ``is_error`` is true."""
+    messages: list[str] = []
+    result = event.get("result")
+    if isinstance(result, str) and result.strip():
+        messages.append(result.strip())
+    errors = event.get("errors")
+    if isinstance(errors, list):
+        messages.extend(str(error) for error in errors if str(error).strip())
+    if not messages:
+        messages.append("the run ended with an error")
+    facts: list[str] = []
+    reason = event.get("terminal_reason")
+    if reason:
+        timeout = event.get("timeout")
+        facts.append(f"reason: {reason}" + (f" ({timeout})" if timeout else ""))
+    if event.get("api_error_status") is not None:
+        facts.append(f"API status {event['api_error_status']}")
+    if event.get("exit_code") is not None:
+        facts.append(f"exit code {event['exit_code']}")
+    if event.get("signal") is not None:
+        facts.append(f"signal {event['signal']}")
+    text = "**Claude Code failed:** " + "\n".join(messages)
+    if facts:
+        text += f"\n\n_({', '.join(facts)})_"
+    stderr = event.get("stderr")
+    if isinstance(stderr, str) and stderr.strip():
+        text += "\n\n" + collapsible("stderr", code_block(truncate_start(stderr.strip(), STDERR_MAX_CHARS)))
+    return text
+
+
+def render_event(event: dict[str, Any], valves: Any) -> str:
+    """
+    The Markdown one CLI event adds to the answer ("" for none): assistant text as it is, tool
+    calls and results as collapsed ``<details>`` blocks when the valves show them, and a readable
+    error for a failed ``result``. Blocks are separated by blank lines.
+    """
+    kind = event.get("type")
+    message = event.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    pieces: list[str] = []
+    if kind == "assistant" and isinstance(content, list):
+        for block in content:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "text" and isinstance(block.get("text"), str) and block["text"]:
+                pieces.append(block["text"])
+            elif block.get("type") == "tool_use" and valves.show_tools:
+                pieces.append(render_tool_use(block, valves))
+            elif block.get("type") == "thinking" and valves.show_thinking:
+                thinking = str(block.get("thinking") or "")
+                if thinking.strip():
+                    pieces.append(collapsible("Thinking", defuse_tags(thinking.strip())))
+    elif kind == "user" and isinstance(content, list) and valves.show_tools:
+        for block in content:
+            if isinstance(block, dict) and block.get("type") == "tool_result":
+                pieces.append(render_tool_result(block, valves))
+    elif kind == "result" and event.get("is_error"):
+        pieces.append(render_error(event))
+    return "\n\n".join(pieces)
+
+
+def status_for_event(event: dict[str, Any]) -> str | None:
+    """A status line for an event worth announcing, or None."""
+    kind, subtype = event.get("type"), event.get("subtype")
+    if kind == "system" and subtype == "init":
+        return "Claude Code is working…"
+    if kind == "system" and subtype == "api_retry":
+        return (f"API error {event.get('error_status', '')}, retrying "
+                f"({event.get('attempt', '?')}/{event.get('max_retries', '?')})…")
+    if kind == "system" and subtype == "permission_denied":
+        return f"Permission denied: {event.get('tool_name', 'a tool')}"
+    if kind == "assistant":
+        message = event.get("message")
+        content = message.get("content") if isinstance(message, dict) else None
+        for block in content if isinstance(content, list) else []:
+            if isinstance(block, dict) and block.get("type") == "tool_use":
+                hint = tool_hint(block.get("input"))
+                return f"Running {block.get('name', 'a tool')}" + (f": {hint}" if hint else "") + "…"
+    if kind == "user":
+        return "Claude Code is working…"
+    return None
+
+
+def result_status(event: dict[str, Any]) -> str:
+    """The closing status line for a run's ``result`` event."""
+    if event.get("is_error"):
+        return f"Failed: {event.get('terminal_reason') or event.get('subtype') or 'error'}"
+    facts: list[str] = []
+    if isinstance(event.get("duration_ms"), (int, float)):
+        facts.append(f"{event['duration_ms'] / 1000:.1f} s")
+    if isinstance(event.get("total_cost_usd"), (int, float)):
+        facts.append(f"${event['total_cost_usd']:.4f}")
+    return "Done" + (f" ({', '.join(facts)})" if facts else "")
+
+
+def render_http_error(status: int, body: bytes) -> str:
+    """A readable account of a refusal before streaming: ``{"error": {"code", "message"}}`` or any body."""
+    code, message = "", ""
+    try:
+        error = json.loads(body).get("error", {})
+        code, message = str(error.get("code", "")), str(error.get("message", ""))
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        message = body.decode("utf-8", "replace").strip()[:500]
+    text = f"**claudesrv refused the request** (HTTP {status}{' ' + code if code else ''})"
+    if message:
+        text += f": {message}"
+    if status in (401, 403):
+        text += "\n\nCheck the `api_token` valve of this function."
+    elif code in ("session_not_found", "workspace_missing") or status == 410:
+        text += "\n\n" + NEW_SESSION_HINT
+    elif code == "session_busy":
+        text += "\n\nWait for the running turn to finish, then send again."
+    elif status in (429, 503):
+        text += "\n\nThe server is busy; try again in a moment."
+    return text
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def task_answer(task: str, task_body: dict[str, Any] | None = None) -> str:
+    """
+    The answer to an Open WebUI background task (title, follow-ups, tags, ...), made without
+    running Claude: a title from the first user message, no follow-ups, no tags, else "".
+    """
+    if task == "title_generation":
+        title = "Claude Code"
+        messages = (task_body or {}).get("messages")
+        texts = user_messages(messages) if isinstance(messages, list) else []
+        if texts:
+            try:
+                _, prompt = parse_params(texts[0])
+            except ParamError:
+                prompt = ""
+            first = next((line for line in prompt.splitlines() if line.strip()), "")
+            if first:
+                title = one_line(first, TITLE_MAX_CHARS)
+        return json.dumps({"title": title})
+    if task == "follow_up_generation":
+        return json.dumps({"follow_ups": []})
+    if task == "tags_generation":
+        return json.dumps({"tags": []})
+    return ""
+
+
+# --------------------------------------------------------------------------- the pipe
+
+
+class Status:
+    """Status lines under the answer; does nothing when Open WebUI gave no event emitter."""
+
+    def __init__(self, emitter: EventEmitter | None) -> None:
+        self.emitter = emitter
+
+    async def __call__(self, description: str, done: bool = False) -> None:
+        if self.emitter is None:
+            return
+        try:
+            await self.emitter({"type": "status", "data": {"description": description, "done": done}})
+        except Exception:
+            log.warning("claude-code pipe: the status event could not be sent", exc_info=True)
+
+
+class Paragraphs:
+    """Puts a blank line between the pieces of an answer, none before the first."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def __call__(self, text: str) -> str:
+        joined = ("\n\n" if self.started else "") + text
+        self.started = True
+        return joined
+
+
+class Pipe:
+    class Valves(BaseModel):
+        base_url: str = Field(default="http://localhost:3000", description="The claudesrv server's base URL.")
+        api_token: str = Field(default="", description="Sent as 'Authorization: Bearer <token>' when set.")
+        connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to wait for a connection.")
+        idle_timeout: float = Field(
+            default=120.0, gt=0,
+            description="Seconds without any data (keepalives count) before giving up; "
+                        "keep it above the server's --keepalive.",
+        )
+        show_tools: bool = Field(default=True, description="Show tool calls and results as collapsed blocks.")
+        tool_output_max_chars: int = Field(
+            default=2000, ge=0,
+            description="Most characters of each tool call's arguments or result to show (0: summary line only).",
+        )
+        show_thinking: bool = Field(default=False, description="Show Claude's thinking as a collapsed block.")
+        default_skip_permissions: bool = Field(
+            default=False, description="Send dangerously-skip-permissions unless the chat says otherwise."
+        )
+        default_allowed_tools: str = Field(
+            default="", description='Default allowedTools: Bash,Edit or ["Bash","Edit"].'
+        )
+        default_disallowed_tools: str = Field(
+            default="", description='Default disallowedTools: WebFetch or ["WebFetch"].'
+        )
+
+    def __init__(self) -> None:
+        self.valves = self.Valves()
+        # The last session of each chat, for when the marker is gone from the history.
+        self.chat_sessions: dict[str, str] = {}
+        # For tests: an httpx transport to use instead of the network.
+        self.transport: httpx.AsyncBaseTransport | None = None
+
+    def remember(self, chat_id: str | None, session_id: str) -> None:
+        """Note a chat's session (newest last, oldest forgotten past MAX_REMEMBERED_CHATS)."""
+        if not chat_id:
+            return
+        self.chat_sessions.pop(chat_id, None)
+        self.chat_sessions[chat_id] = session_id
+        while len(self.chat_sessions) > MAX_REMEMBERED_CHATS:
+            del self.chat_sessions[next(iter(self.chat_sessions))]
+
+    def session_to_resume(self, messages: list[dict[str, Any]], chat_id: str | None) -> str | None:
+        """The marker in the history, else the session this pipe last saw in the chat."""
+        return find_session_id(messages) or (self.chat_sessions.get(chat_id) if chat_id else None)
+
+    def headers(self) -> dict[str, str]:
+        """The request headers, with the bearer token when one is set."""
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if self.valves.api_token:
+            headers["Authorization"] = f"Bearer {self.valves.api_token}"
+        return headers
+
+    async def pipe(
+        self,
+        body: dict[str, Any],
+        __user__: dict[str, Any] | None = None,
+        __metadata__: dict[str, Any] | None = None,
+        __chat_id__: str | None = None,
+        __task__: str | None = None,
+        __task_body__: dict[str, Any] | None = None,
+        __event_emitter__: EventEmitter | None = None,
+    ) -> AsyncGenerator[str, None]:
+        """
+        Answer one chat turn by streaming a claudesrv run; errors become readable text.
+        Closing this generator (Open WebUI's Stop) closes the HTTP stream, which stops the run.
+        """
+        if __task__:
+            yield task_answer(__task__, __task_body__)
+            return
+        valves = self.valves
+        status = Status(__event_emitter__)
+        chat_id = __chat_id__ or (__metadata__ or {}).get("chat_id")
+        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        paragraph = Paragraphs()
+
+        try:
+            params, prompt = collect_params(messages, valves)
+        except ParamError as e:
+            yield f"**Not sent:** {e}"
+            return
+        if not prompt:
+            yield empty_prompt_reply(messages, params)
+            return
+
+        resume = None if params.get(NEW_SESSION) else self.session_to_resume(messages, chat_id)
+        marker: str | None = resume  # the session this answer belongs to
+        payload = build_payload(prompt, params, resume)
+        url = valves.base_url.rstrip("/") + "/api/claude"
+        final_status = "Stopped"  # unless the run ends otherwise
+        await status("Resuming the Claude Code session…" if resume else "Starting Claude Code…")
+        try:
+            timeout = httpx.Timeout(valves.idle_timeout, connect=valves.connect_timeout)
+            async with httpx.AsyncClient(timeout=timeout, transport=self.transport) as client:
+                async with client.stream("POST", url, json=payload, headers=self.headers()) as response:
+                    if response.status_code != 200:
+                        refusal = render_http_error(response.status_code, await response.aread())
+                        final_status = f"Refused (HTTP {response.status_code})"
+                        if response.status_code in (404, 410):
+                            marker = None
+                        yield paragraph(refusal)
+                    else:
+                        decoder = SSEDecoder()
+                        result: dict[str, Any] | None = None
+                        async for chunk in response.aiter_bytes():
+                            for data in decoder.feed(chunk):
+                                event = decode_event(data)
+                                if event is None:
+                                    continue
+                                reported = event.get("session_id")
+                                if isinstance(reported, str) and SESSION_ID.fullmatch(reported):
+                                    marker = reported
+                                    self.remember(chat_id, reported)
+                                note = status_for_event(event)
+                                if note:
+                                    await status(note)
+                                text = render_event(event, valves)
+                                if text:
+                                    yield paragraph(text)
+                                if event.get("type") == "result":
+                                    result = event
+                                    break
+                            if result is not None:
+                                break
+                        if result is None:
+                            final_status = "Failed"
+                            yield paragraph("**The connection to claudesrv ended before Claude Code finished.**")
+                        else:
+                            final_status = result_status(result)
+        except httpx.ConnectTimeout:
+            final_status = "Failed"
+            yield paragraph(f"**Could not connect to claudesrv** at {url} within {valves.connect_timeout:g} s.")
+        except httpx.ConnectError as e:
+            final_status = "Failed"
+            yield paragraph(f"**Could not connect to claudesrv** at {url}: {str(e) or 'connection refused'}. "
+                            "Is the server running, and is the `base_url` valve right?")
+        except httpx.ReadTimeout:
+            final_status = "Failed"
+            yield paragraph(f"**claudesrv sent nothing for {valves.idle_timeout:g} s**, so the pipe stopped waiting "
+                            "(the `idle_timeout` valve).")
+        except httpx.TimeoutException as e:
+            final_status = "Failed"
+            yield paragraph(f"**Talking to claudesrv timed out:** {type(e).__name__}.")
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as e:
+            final_status = "Failed"
+            yield paragraph(f"**The `base_url` valve is not usable** ({valves.base_url!r}): {e}")
+        except httpx.HTTPError as e:
+            final_status = "Failed"
+            yield paragraph(f"**The connection to claudesrv failed:** {type(e).__name__}: {e}")
+        except Exception as e:
+            final_status = "Failed"
+            log.exception("claude-code pipe: unexpected error")
+            yield paragraph(f"**The pipe failed unexpectedly:** {type(e).__name__}: {e}")
+        finally:
+            await status(final_status, done=True)
+        if marker:
+            yield paragraph(f"session_id={marker}")

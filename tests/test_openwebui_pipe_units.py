@@ -1,0 +1,841 @@
+"""
+Unit tests of the Open WebUI pipe ``open-webui/claude-code.py``, loaded by path the way Open WebUI
+loads a Function: the text (after Open WebUI's import rewrite) executed in a fresh module.
+The server is replaced by ``httpx.MockTransport``; coroutines run under ``asyncio.run``.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import re
+import sys
+import types
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from twisted.trial.unittest import SynchronousTestCase
+
+PIPE_PATH = Path(__file__).resolve().parent.parent / "open-webui" / "claude-code.py"
+
+# Open WebUI 0.12.4 (open_webui/utils/plugin.py) runs str.replace with these before exec.
+OPEN_WEBUI_REWRITES = {
+    "from utils": "from open_webui.utils",
+    "from apps": "from open_webui.apps",
+    "from main": "from open_webui.main",
+    "from config": "from open_webui.config",
+}
+
+SESSION_A = "11111111-2222-4333-8444-555555555555"
+SESSION_B = "6a1c5e0e-3b8c-4a57-9d7e-6ad0a39b8c11"
+SESSION_C = "39e17708-71a8-4fa3-a385-da6100d2e057"
+
+
+def load_pipe_module() -> Any:
+    """Execute the pipe file in a fresh module namespace, as Open WebUI's loader does."""
+    text = PIPE_PATH.read_text(encoding="utf-8")
+    for old, new in OPEN_WEBUI_REWRITES.items():
+        text = text.replace(old, new)
+    name = f"function_claude_code_{uuid.uuid4().hex}"
+    module = types.ModuleType(name)
+    module.__dict__["__file__"] = str(PIPE_PATH)
+    sys.modules[name] = module
+    try:
+        exec(compile(text, str(PIPE_PATH), "exec"), module.__dict__)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+pipe_module = load_pipe_module()
+
+
+def valves(**overrides: Any) -> Any:
+    return pipe_module.Pipe.Valves(**overrides)
+
+
+def sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in events)
+
+
+def user(content: Any) -> dict[str, Any]:
+    return {"role": "user", "content": content}
+
+
+def assistant(content: Any) -> dict[str, Any]:
+    return {"role": "assistant", "content": content}
+
+
+# Events shaped like the recorded CLI runs in ../shared/fixtures/claude-cli/.
+INIT = {"type": "system", "subtype": "init", "session_id": SESSION_C}
+TEXT_BEFORE = {"type": "assistant", "session_id": SESSION_C,
+               "message": {"content": [{"type": "text", "text": "I will use Bash."}]}}
+TOOL_USE = {"type": "assistant", "session_id": SESSION_C,
+            "message": {"content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                                     "input": {"command": "echo hi > file.txt", "description": "Write hi"}}]}}
+TOOL_RESULT = {"type": "user", "session_id": SESSION_C,
+               "message": {"content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                        "content": "hi written", "is_error": False}]}}
+TEXT_AFTER = {"type": "assistant", "session_id": SESSION_C,
+              "message": {"content": [{"type": "text", "text": "Done: file.txt holds hi."}]}}
+RESULT_OK = {"type": "result", "subtype": "success", "is_error": False, "result": "Done: file.txt holds hi.",
+             "session_id": SESSION_C, "total_cost_usd": 0.0248, "duration_ms": 3200,
+             "terminal_reason": "completed"}
+RESULT_API_ERROR = {"type": "result", "subtype": "success", "is_error": True,
+                    "result": "Invalid API key · Fix external API key", "session_id": SESSION_C,
+                    "terminal_reason": "api_error", "api_error_status": 401, "total_cost_usd": 0}
+RESULT_CLI_FAILED = {"type": "result", "subtype": "error_during_execution", "is_error": True,
+                     "session_id": SESSION_C, "terminal_reason": "cli_failed",
+                     "errors": ["the Claude CLI exited with code 1 without a result: boom"],
+                     "exit_code": 1, "signal": None, "stderr": "line one\nboom\n"}
+FULL_RUN = (INIT, TEXT_BEFORE, TOOL_USE, TOOL_RESULT, TEXT_AFTER, RESULT_OK)
+
+
+class ChunkStream(httpx.AsyncByteStream):
+    """A response body given as chunks; optionally it hangs after them until closed."""
+
+    def __init__(self, chunks: list[bytes], hang: bool = False) -> None:
+        self.chunks = chunks
+        self.hang = hang
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+        if self.hang:
+            await asyncio.Event().wait()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class FakeServer:
+    """Answers every request with one canned response (or exception) and records the requests."""
+
+    def __init__(self, status: int = 200, body: bytes = b"", chunks: list[bytes] | None = None,
+                 hang: bool = False, error: Exception | None = None) -> None:
+        self.requests: list[httpx.Request] = []
+        self.status = status
+        self.error = error
+        content_type = "text/event-stream" if status == 200 else "application/json"
+        self.headers = {"Content-Type": content_type}
+        self.stream = ChunkStream(chunks if chunks is not None else [body], hang)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.error is not None:
+            raise self.error
+        return httpx.Response(self.status, headers=self.headers, stream=self.stream)
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    def payload(self, index: int = -1) -> Any:
+        return json.loads(self.requests[index].content)
+
+
+def make_pipe(server: FakeServer | None = None, **valve_values: Any) -> Any:
+    pipe = pipe_module.Pipe()
+    pipe.valves = valves(**valve_values)
+    if server is not None:
+        pipe.transport = server.transport()
+    return pipe
+
+
+def run_pipe(pipe: Any, body: dict[str, Any], **kwargs: Any) -> tuple[str, list[dict[str, Any]]]:
+    """The pipe's whole answer and the status events it emitted."""
+    events: list[dict[str, Any]] = []
+
+    async def emitter(event: dict[str, Any]) -> None:
+        events.append(event)
+
+    async def collect() -> str:
+        return "".join([piece async for piece in pipe.pipe(body, __event_emitter__=emitter, **kwargs)])
+
+    return asyncio.run(collect()), events
+
+
+class NoClient:
+    """Stands in for httpx.AsyncClient where no HTTP call may happen."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the pipe made an HTTP call")
+
+
+# --------------------------------------------------------------------------- the file itself
+
+
+class PipeFileTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.text = PIPE_PATH.read_text(encoding="utf-8")
+
+    def test_first_line_opens_front_matter(self) -> None:
+        """The first line is exactly three double quotes, so Open WebUI reads the front matter."""
+        self.assertEqual(self.text.split("\n", 1)[0], '"""')
+
+    def test_front_matter_fields(self) -> None:
+        """The front matter names title, author, version, license and description, one line each."""
+        block = self.text.split('"""', 2)[1]
+        fields = dict(line.split(":", 1) for line in block.strip().splitlines())
+        for key in ("title", "author", "version", "license", "description"):
+            self.assertTrue(fields.get(key, "").strip(), key)
+
+    def test_no_requirements_line(self) -> None:
+        """No requirements line: Open WebUI would pip-install it at every start; the pipe needs none."""
+        self.assertIsNone(re.search(r"^\s*requirements\s*:", self.text, re.MULTILINE | re.IGNORECASE))
+
+    def test_no_phrases_open_webui_rewrites(self) -> None:
+        """None of the four phrases Open WebUI rewrites appears anywhere, so its rewrite is a no-op."""
+        for phrase in OPEN_WEBUI_REWRITES:
+            self.assertNotIn(phrase, self.text)
+
+    def test_imports_only_stdlib_httpx_pydantic(self) -> None:
+        """Every import is the standard library, httpx or pydantic: what Open WebUI ships."""
+        allowed = set(sys.stdlib_module_names) | {"httpx", "pydantic"}
+        for node in ast.walk(ast.parse(self.text)):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                self.assertEqual(node.level, 0)
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                self.assertIn(name.split(".")[0], allowed)
+
+    def test_loads_and_constructs_without_arguments(self) -> None:
+        """The file loads by path, and Pipe() with no arguments has the documented valve defaults."""
+        pipe = load_pipe_module().Pipe()
+        self.assertEqual(pipe.valves.base_url, "http://localhost:3000")
+        self.assertEqual(pipe.valves.api_token, "")
+        self.assertFalse(pipe.valves.default_skip_permissions)
+        self.assertTrue(pipe.valves.show_tools)
+        self.assertEqual(pipe.chat_sessions, {})
+
+    def test_valves_can_be_reapplied(self) -> None:
+        """Valves are a pydantic model Open WebUI (or a test) can replace with new values."""
+        pipe = pipe_module.Pipe()
+        pipe.valves = pipe.Valves(**{**pipe.valves.model_dump(), "base_url": "http://127.0.0.1:9"})
+        self.assertEqual(pipe.valves.base_url, "http://127.0.0.1:9")
+
+    def test_pipe_is_async_generator_function(self) -> None:
+        """pipe is an async generator: it never blocks Open WebUI's event loop."""
+        self.assertTrue(__import__("inspect").isasyncgenfunction(pipe_module.Pipe.pipe))
+
+
+# --------------------------------------------------------------------------- SSE
+
+
+SAMPLE_STREAM = (
+    b": keepalive\n\n"
+    b'data: {"type":"system","subtype":"init"}\n\n'
+    b"data: first line\ndata: second line \xc3\xa9\xf0\x9f\x99\x82\n\n"
+    b": keepalive\r\n\r\n"
+    b"event: ignored\r\nid: 7\r\ndata:no-space\r\n\r\n"
+    b"data: cr only\r\r"
+)
+SAMPLE_EVENTS = [
+    '{"type":"system","subtype":"init"}',
+    "first line\nsecond line é🙂",
+    "no-space",
+    "cr only",
+]
+
+
+class SSEDecoderTests(SynchronousTestCase):
+    def decode(self, chunks: list[bytes]) -> list[str]:
+        return list(pipe_module.parse_sse(chunks))
+
+    def test_one_event(self) -> None:
+        """One data line and a blank line make one event."""
+        self.assertEqual(self.decode([b'data: {"a": 1}\n\n']), ['{"a": 1}'])
+
+    def test_keepalive_comments_are_skipped(self) -> None:
+        """Comment lines such as ': keepalive' yield nothing, before, between or after events."""
+        self.assertEqual(self.decode([b": keepalive\n\ndata: x\n\n: keepalive\n\n"]), ["x"])
+        self.assertEqual(self.decode([b": keepalive\n\n" * 3]), [])
+
+    def test_multiline_data_is_joined(self) -> None:
+        """Several data lines of one event join with a newline."""
+        self.assertEqual(self.decode([b"data: a\ndata: b\ndata: c\n\n"]), ["a\nb\nc"])
+
+    def test_crlf_and_cr_line_ends(self) -> None:
+        """CRLF and lone CR end lines just like LF."""
+        self.assertEqual(self.decode([b"data: a\r\n\r\ndata: b\r\rdata: c\n\n"]), ["a", "b", "c"])
+
+    def test_crlf_split_between_chunks(self) -> None:
+        """A CR at the end of one chunk and the LF starting the next are one line end, not two."""
+        self.assertEqual(self.decode([b"data: a\r", b"\ndata: b\r\n\r\n"]), ["a\nb"])
+
+    def test_unfinished_event_waits(self) -> None:
+        """An event is not given out before its blank line arrives."""
+        decoder = pipe_module.SSEDecoder()
+        self.assertEqual(decoder.feed(b"data: a\n"), [])
+        self.assertEqual(decoder.feed(b"data: b"), [])
+        self.assertEqual(decoder.feed(b"\n\n"), ["a\nb"])
+
+    def test_single_space_after_colon_is_dropped(self) -> None:
+        """Only the one space after 'data:' is dropped; other fields are ignored."""
+        self.assertEqual(self.decode([b"data:x\n\ndata:  y\n\nevent: e\nid: 1\nretry: 5\ndata: z\n\n"]),
+                         ["x", " y", "z"])
+
+    def test_sample_in_one_chunk(self) -> None:
+        """The sample stream (keepalives, multi-line, UTF-8, CRLF, CR) decodes to its events."""
+        self.assertEqual(self.decode([SAMPLE_STREAM]), SAMPLE_EVENTS)
+
+    def test_split_at_every_offset(self) -> None:
+        """Splitting the stream into two chunks at any byte offset gives the same events."""
+        for offset in range(len(SAMPLE_STREAM) + 1):
+            chunks = [SAMPLE_STREAM[:offset], SAMPLE_STREAM[offset:]]
+            self.assertEqual(self.decode(chunks), SAMPLE_EVENTS, f"split at {offset}")
+
+    def test_split_at_every_pair_of_offsets(self) -> None:
+        """Three chunks cut at any two offsets give the same events."""
+        size = len(SAMPLE_STREAM)
+        for first in range(0, size + 1, 3):
+            for second in range(first, size + 1):
+                chunks = [SAMPLE_STREAM[:first], SAMPLE_STREAM[first:second], SAMPLE_STREAM[second:]]
+                self.assertEqual(self.decode(chunks), SAMPLE_EVENTS, f"split at {first}, {second}")
+
+    def test_byte_at_a_time(self) -> None:
+        """Feeding one byte at a time (splitting UTF-8 characters too) gives the same events."""
+        chunks = [SAMPLE_STREAM[i:i + 1] for i in range(len(SAMPLE_STREAM))]
+        self.assertEqual(self.decode(chunks), SAMPLE_EVENTS)
+
+    def test_long_line_over_many_chunks(self) -> None:
+        """A megabyte-long data line arriving in many chunks is one event."""
+        payload = json.dumps({"type": "assistant", "text": "x" * (1 << 20)}).encode()
+        stream = b"data: " + payload + b"\n\n"
+        chunks = [stream[i:i + 65536] for i in range(0, len(stream), 65536)]
+        self.assertEqual(self.decode(chunks), [payload.decode()])
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+class ParseParamsTests(SynchronousTestCase):
+    def test_known_keys(self) -> None:
+        """The known keys are read and removed; the remaining lines are the prompt."""
+        params, prompt = pipe_module.parse_params(
+            'dangerously-skip-permissions=true\nallowedTools=["Bash","Edit"]\n'
+            'disallowedTools=["WebFetch"]\nFix the failing test.\nThen run it.'
+        )
+        self.assertEqual(params, {"dangerously-skip-permissions": True, "allowedTools": ["Bash", "Edit"],
+                                  "disallowedTools": ["WebFetch"]})
+        self.assertEqual(prompt, "Fix the failing test.\nThen run it.")
+
+    def test_unknown_assignments_stay_in_prompt(self) -> None:
+        """Any other x=y line (other names, other case) is part of the prompt, untouched."""
+        text = "model=opus\nx = 1\nDangerously-Skip-Permissions=true\nsession_id=" + SESSION_A + "\nhello"
+        params, prompt = pipe_module.parse_params(text)
+        self.assertEqual(params, {})
+        self.assertEqual(prompt, text)
+
+    def test_parameters_anywhere_in_message(self) -> None:
+        """Parameter lines are read wherever they stand, one per line."""
+        params, prompt = pipe_module.parse_params("Please fix it.\n  new_session = yes\nThanks")
+        self.assertEqual(params, {"new_session": True})
+        self.assertEqual(prompt, "Please fix it.\nThanks")
+
+    def test_prompt_key_takes_rest_verbatim(self) -> None:
+        """prompt= takes its value and every later line verbatim, parameter-looking lines included."""
+        params, prompt = pipe_module.parse_params(
+            'allowedTools=Bash\nprompt=line one\nallowedTools=["Edit"]\nline three'
+        )
+        self.assertEqual(params, {"allowedTools": ["Bash"]})
+        self.assertEqual(prompt, 'line one\nallowedTools=["Edit"]\nline three')
+
+    def test_values_starting_with_dash_refused(self) -> None:
+        """A value, or a tool name in a list, that starts with '-' is refused with a readable error."""
+        for text in ("dangerously-skip-permissions=--yes", "allowedTools=-Bash", 'allowedTools=["--help"]',
+                     "disallowedTools=Bash,-x", "prompt=--help", "new_session=-1", "allowedTools= --model x"):
+            error = self.assertRaises(pipe_module.ParamError, pipe_module.parse_params, text + "\nhi")
+            self.assertIn("-", str(error))
+
+    def test_bad_values_refused(self) -> None:
+        """Values that are not booleans or tool lists are refused, never guessed."""
+        for text in ("dangerously-skip-permissions=maybe", 'allowedTools=["Bash"', "allowedTools=[1, 2]",
+                     'disallowedTools=[""]', "new_session="):
+            self.assertRaises(pipe_module.ParamError, pipe_module.parse_params, text)
+
+    def test_tool_list_forms(self) -> None:
+        """Tool lists are JSON lists, or names split at commas outside parentheses."""
+        parse = pipe_module.parse_params
+        self.assertEqual(parse('allowedTools=["Bash(git *)", "Edit"]')[0], {"allowedTools": ["Bash(git *)", "Edit"]})
+        self.assertEqual(parse("allowedTools=Bash(touch a,b.txt), Edit")[0],
+                         {"allowedTools": ["Bash(touch a,b.txt)", "Edit"]})
+        self.assertEqual(parse("disallowedTools=[]")[0], {"disallowedTools": []})
+
+    def test_crlf_message(self) -> None:
+        """Parameter lines ending in CRLF are read; the prompt keeps its own line ends."""
+        params, prompt = pipe_module.parse_params("dangerously-skip-permissions=true\r\nline a\r\nline b")
+        self.assertEqual(params, {"dangerously-skip-permissions": True})
+        self.assertEqual(prompt, "line a\r\nline b")
+
+
+class CollectParamsTests(SynchronousTestCase):
+    def test_valve_defaults(self) -> None:
+        """With nothing said in the chat, the valves' defaults apply."""
+        params, prompt = pipe_module.collect_params(
+            [user("hi")], valves(default_skip_permissions=True, default_allowed_tools="Bash,Edit",
+                                 default_disallowed_tools='["WebFetch"]'))
+        self.assertEqual(params, {"dangerously-skip-permissions": True, "allowedTools": ["Bash", "Edit"],
+                                  "disallowedTools": ["WebFetch"]})
+        self.assertEqual(prompt, "hi")
+
+    def test_settings_carry_over(self) -> None:
+        """Settings from earlier user messages (string or list content) apply to later turns."""
+        messages = [
+            user('dangerously-skip-permissions=true\nallowedTools=["Bash"]\nfirst'),
+            assistant("ok\n\nsession_id=" + SESSION_A),
+            user([{"type": "text", "text": "disallowedTools=WebFetch\nsecond"}, {"type": "image_url"}]),
+            assistant("ok"),
+            user("third"),
+        ]
+        params, prompt = pipe_module.collect_params(messages, valves())
+        self.assertEqual(params, {"dangerously-skip-permissions": True, "allowedTools": ["Bash"],
+                                  "disallowedTools": ["WebFetch"]})
+        self.assertEqual(prompt, "third")
+
+    def test_newer_settings_override(self) -> None:
+        """A later message overrides an earlier one, and the newest message overrides them all."""
+        messages = [
+            user("dangerously-skip-permissions=true\nallowedTools=Bash\nfirst"),
+            assistant("ok"),
+            user("allowedTools=Edit\nsecond"),
+            assistant("ok"),
+            user("dangerously-skip-permissions=false\nthird"),
+        ]
+        params, _ = pipe_module.collect_params(messages, valves(default_skip_permissions=True))
+        self.assertEqual(params["dangerously-skip-permissions"], False)
+        self.assertEqual(params["allowedTools"], ["Edit"])
+
+    def test_prompt_and_new_session_do_not_carry_over(self) -> None:
+        """new_session and prompt apply only to the message that holds them."""
+        messages = [user("new_session=true\nprompt=old"), assistant("ok"), user("new")]
+        params, prompt = pipe_module.collect_params(messages, valves())
+        self.assertNotIn("new_session", params)
+        self.assertEqual(prompt, "new")
+
+    def test_refused_earlier_message_counts_for_nothing(self) -> None:
+        """An earlier message that was refused (a '-' value) sets nothing for later turns."""
+        messages = [user("dangerously-skip-permissions=true\nallowedTools=-x\nhi"), assistant("Not sent"),
+                    user("again")]
+        params, _ = pipe_module.collect_params(messages, valves())
+        self.assertFalse(params["dangerously-skip-permissions"])
+
+    def test_newest_message_refused(self) -> None:
+        """A refused value in the newest message raises ParamError."""
+        self.assertRaises(pipe_module.ParamError, pipe_module.collect_params,
+                          [user("allowedTools=--help\nhi")], valves())
+
+    def test_payload_carries_only_what_is_set(self) -> None:
+        """The request body has the prompt, and the session and options only when they are set."""
+        build = pipe_module.build_payload
+        self.assertEqual(build("hi", {"dangerously-skip-permissions": False, "allowedTools": []}, None),
+                         {"prompt": "hi"})
+        self.assertEqual(
+            build("hi", {"dangerously-skip-permissions": True, "allowedTools": ["Bash"],
+                         "disallowedTools": ["Edit"], "new_session": True}, SESSION_A),
+            {"prompt": "hi", "session_id": SESSION_A, "dangerously-skip-permissions": True,
+             "allowedTools": ["Bash"], "disallowedTools": ["Edit"]})
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+class FindSessionIdTests(SynchronousTestCase):
+    def test_newest_assistant_message_first(self) -> None:
+        """The marker of the newest assistant message wins over older ones."""
+        messages = [user("a"), assistant("x\n\nsession_id=" + SESSION_A), user("b"),
+                    assistant("y\n\nsession_id=" + SESSION_B), user("c")]
+        self.assertEqual(pipe_module.find_session_id(messages), SESSION_B)
+
+    def test_older_marker_when_newest_has_none(self) -> None:
+        """An answer without a marker (stopped, or a local reply) is skipped."""
+        messages = [assistant("x\nsession_id=" + SESSION_A), user("b"), assistant("stopped half-way"), user("c")]
+        self.assertEqual(pipe_module.find_session_id(messages), SESSION_A)
+
+    def test_list_content(self) -> None:
+        """Assistant content given as a list of parts is searched too."""
+        messages = [assistant([{"type": "text", "text": "hello"}, {"type": "text", "text": "session_id=" + SESSION_B}])]
+        self.assertEqual(pipe_module.find_session_id(messages), SESSION_B)
+
+    def test_last_marker_within_a_message(self) -> None:
+        """Within one message the last marker (the pipe's own, at the end) wins."""
+        messages = [assistant(f"session_id={SESSION_A}\ntext\n\nsession_id={SESSION_B}")]
+        self.assertEqual(pipe_module.find_session_id(messages), SESSION_B)
+
+    def test_marker_inside_details_ignored(self) -> None:
+        """A marker inside a <details> block (tool output), nested or unclosed, is not a marker."""
+        inside = (f"<details>\n<summary>Tool result</summary>\n\n```\nsession_id={SESSION_B}\n```\n\n</details>\n\n"
+                  f"<details><summary>outer</summary>\n<details>\ninner\n</details>\nsession_id={SESSION_B}\n</details>")
+        messages = [assistant("old\n\nsession_id=" + SESSION_A), user("b"), assistant(inside)]
+        self.assertEqual(pipe_module.find_session_id(messages), SESSION_A)
+        unclosed = [assistant(f"<details>\n<summary>x</summary>\nsession_id={SESSION_B}")]
+        self.assertIsNone(pipe_module.find_session_id(unclosed))
+
+    def test_only_whole_lines_of_assistant_messages(self) -> None:
+        """A marker must be a line of its own, in an assistant message, with a lower-case UUID."""
+        messages = [user("session_id=" + SESSION_A),
+                    assistant(f"the id is session_id={SESSION_A} here"),
+                    assistant("session_id=" + SESSION_B.upper()),
+                    assistant(f"session_id={SESSION_A} ")]
+        self.assertIsNone(pipe_module.find_session_id(messages))
+
+    def test_chat_id_fallback(self) -> None:
+        """Without a marker the pipe resumes the session it last saw in the same chat; a marker wins."""
+        pipe = pipe_module.Pipe()
+        pipe.remember("chat-1", SESSION_B)
+        self.assertEqual(pipe.session_to_resume([user("hi")], "chat-1"), SESSION_B)
+        self.assertIsNone(pipe.session_to_resume([user("hi")], "chat-2"))
+        self.assertIsNone(pipe.session_to_resume([user("hi")], None))
+        with_marker = [assistant("session_id=" + SESSION_A), user("hi")]
+        self.assertEqual(pipe.session_to_resume(with_marker, "chat-1"), SESSION_A)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+class RenderTests(SynchronousTestCase):
+    def test_assistant_text_as_is(self) -> None:
+        """Assistant text is shown exactly as Claude wrote it."""
+        self.assertEqual(pipe_module.render_event(TEXT_BEFORE, valves()), "I will use Bash.")
+
+    def test_tool_use_and_result_collapsed(self) -> None:
+        """Tool calls and results are closed <details> blocks with a one-line summary."""
+        use = pipe_module.render_event(TOOL_USE, valves())
+        self.assertTrue(use.startswith("<details>\n<summary>Tool: Bash: echo hi > file.txt</summary>\n"))
+        self.assertTrue(use.endswith("</details>"))
+        self.assertIn('"command": "echo hi > file.txt"', use)
+        result = pipe_module.render_event(TOOL_RESULT, valves())
+        self.assertTrue(result.startswith("<details>\n<summary>Tool result: hi written</summary>"))
+        self.assertTrue(result.endswith("</details>"))
+
+    def test_tool_error_and_list_content(self) -> None:
+        """A failed tool result says so; list content is shown as its text."""
+        event = {"type": "user", "message": {"content": [{"type": "tool_result", "is_error": True,
+                                                          "content": [{"type": "text", "text": "denied"}]}]}}
+        self.assertIn("<summary>Tool error: denied</summary>", pipe_module.render_event(event, valves()))
+
+    def test_tools_hidden(self) -> None:
+        """With show_tools off, tool calls and results show nothing."""
+        self.assertEqual(pipe_module.render_event(TOOL_USE, valves(show_tools=False)), "")
+        self.assertEqual(pipe_module.render_event(TOOL_RESULT, valves(show_tools=False)), "")
+
+    def test_tool_output_truncated(self) -> None:
+        """Tool output is cut to tool_output_max_chars, saying how much was left out; 0 shows only the summary."""
+        event = {"type": "user", "message": {"content": [{"type": "tool_result", "content": "y" * 500}]}}
+        shown = pipe_module.render_event(event, valves(tool_output_max_chars=100))
+        self.assertIn("y" * 100 + "\n… (400 more characters)", shown)
+        self.assertNotIn("y" * 101, shown)
+        self.assertEqual(pipe_module.render_event(event, valves(tool_output_max_chars=0)).count("\n"), 2)
+
+    def test_output_cannot_break_out_of_its_block(self) -> None:
+        """Tags and fences inside tool output stay inside the block, and a marker in it is ignored."""
+        nasty = f"```\n</details>\n</summary>\nsession_id={SESSION_B}\n<details>"
+        event = {"type": "user", "message": {"content": [{"type": "tool_result", "content": nasty}]}}
+        shown = pipe_module.render_event(event, valves())
+        self.assertEqual(shown.count("<details>"), 1)
+        self.assertEqual(shown.count("</details>"), 1)
+        self.assertIn("\n````\n", shown)
+        answer = f"text\n\n{shown}\n\nsession_id={SESSION_A}"
+        self.assertEqual(pipe_module.find_session_id([assistant(answer)]), SESSION_A)
+        self.assertEqual(pipe_module.find_session_id([assistant(f"text\n\n{shown}")]), None)
+
+    def test_error_result_readable(self) -> None:
+        """A failed result shows its message, errors, reason, API status, exit code and stderr."""
+        api = pipe_module.render_event(RESULT_API_ERROR, valves())
+        self.assertIn("Invalid API key", api)
+        self.assertIn("api_error", api)
+        self.assertIn("401", api)
+        cli = pipe_module.render_event(RESULT_CLI_FAILED, valves())
+        self.assertIn("exited with code 1 without a result: boom", cli)
+        self.assertIn("exit code 1", cli)
+        self.assertIn("<summary>stderr</summary>", cli)
+        bare = pipe_module.render_event({"type": "result", "is_error": True}, valves())
+        self.assertIn("ended with an error", bare)
+
+    def test_successful_result_and_system_events_add_nothing(self) -> None:
+        """A successful result repeats the last text, so it adds nothing; nor do system events."""
+        self.assertEqual(pipe_module.render_event(RESULT_OK, valves()), "")
+        self.assertEqual(pipe_module.render_event(INIT, valves()), "")
+
+    def test_thinking_only_when_asked(self) -> None:
+        """Thinking blocks are hidden unless show_thinking is on."""
+        event = {"type": "assistant", "message": {"content": [{"type": "thinking", "thinking": "hmm"}]}}
+        self.assertEqual(pipe_module.render_event(event, valves()), "")
+        self.assertIn("<summary>Thinking</summary>", pipe_module.render_event(event, valves(show_thinking=True)))
+
+    def test_http_error_readable(self) -> None:
+        """A refusal before streaming shows its status, code, message and a hint."""
+        body = json.dumps({"error": {"code": "session_busy", "message": "a turn is running"}}).encode()
+        text = pipe_module.render_http_error(409, body)
+        self.assertIn("409 session_busy", text)
+        self.assertIn("a turn is running", text)
+        self.assertIn("api_token", pipe_module.render_http_error(401, b'{"error":{"code":"unauthorized"}}'))
+        self.assertIn("new_session=true", pipe_module.render_http_error(
+            404, b'{"error":{"code":"session_not_found","message":"no session"}}'))
+        self.assertIn("<html>bad gateway", pipe_module.render_http_error(502, b"<html>bad gateway"))
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+class TaskTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.patch(pipe_module.httpx, "AsyncClient", NoClient)
+
+    def answer(self, task: str, **kwargs: Any) -> tuple[str, list[dict[str, Any]]]:
+        body = {"messages": [user("### Task: make a title ...")], "stream": False}
+        return run_pipe(pipe_module.Pipe(), body, __task__=task, **kwargs)
+
+    def test_title_without_http(self) -> None:
+        """A title task is answered at once with a JSON title from the first user message, no HTTP call."""
+        task_body = {"messages": [user("allowedTools=Bash\n\nFix the flaky test in   tests/test_x.py\nmore"),
+                                  assistant("...")]}
+        text, events = self.answer("title_generation", __task_body__=task_body)
+        self.assertEqual(json.loads(text), {"title": "Fix the flaky test in tests/test_x.py"})
+        self.assertEqual(events, [])
+
+    def test_title_fallback(self) -> None:
+        """Without the chat's messages the title is a fixed one."""
+        text, _ = self.answer("title_generation")
+        self.assertEqual(json.loads(text), {"title": "Claude Code"})
+
+    def test_follow_ups_and_tags(self) -> None:
+        """Follow-up and tag tasks get empty lists; any other task gets an empty string."""
+        self.assertEqual(json.loads(self.answer("follow_up_generation")[0]), {"follow_ups": []})
+        self.assertEqual(json.loads(self.answer("tags_generation")[0]), {"tags": []})
+        for task in ("query_generation", "emoji_generation", "autocomplete_generation", "memory"):
+            self.assertEqual(self.answer(task)[0], "")
+
+
+# --------------------------------------------------------------------------- the pipe against a fake server
+
+
+class PipeStreamTests(SynchronousTestCase):
+    def assertClosedStatus(self, events: list[dict[str, Any]]) -> str:
+        """Status events end with exactly one done=True, the last; return its description."""
+        self.assertTrue(events)
+        for event in events:
+            self.assertEqual(event["type"], "status")
+        self.assertEqual([e["data"]["done"] for e in events], [False] * (len(events) - 1) + [True])
+        return str(events[-1]["data"]["description"])
+
+    def test_full_run(self) -> None:
+        """Text, tool blocks and a final marker line outside any <details>; the request is well formed."""
+        server = FakeServer(body=b": keepalive\n\n" + sse(*FULL_RUN))
+        pipe = make_pipe(server, api_token="s3cret", base_url="http://claudesrv.test:3000/")
+        text, events = run_pipe(pipe, {"messages": [user("allowedTools=Bash\nwrite hi to file.txt")]},
+                                __chat_id__="chat-1")
+        self.assertTrue(text.startswith("I will use Bash.\n\n<details>"))
+        self.assertIn("Done: file.txt holds hi.", text)
+        self.assertTrue(text.endswith("\n\nsession_id=" + SESSION_C))
+        self.assertEqual(pipe_module.find_session_id([assistant(text)]), SESSION_C)
+        self.assertEqual(text.count("<details>"), 2)
+        request = server.requests[0]
+        self.assertEqual(str(request.url), "http://claudesrv.test:3000/api/claude")
+        self.assertEqual(request.method, "POST")
+        self.assertEqual(request.headers["Authorization"], "Bearer s3cret")
+        self.assertEqual(request.headers["Content-Type"], "application/json")
+        self.assertEqual(server.payload(), {"prompt": "write hi to file.txt", "allowedTools": ["Bash"]})
+        self.assertEqual(pipe.chat_sessions, {"chat-1": SESSION_C})
+        self.assertIn("$0.0248", self.assertClosedStatus(events))
+        self.assertTrue(server.stream.closed)
+
+    def test_no_token_no_authorization(self) -> None:
+        """Without a token no Authorization header is sent."""
+        server = FakeServer(body=sse(INIT, RESULT_OK))
+        run_pipe(make_pipe(server), {"messages": [user("hi")]})
+        self.assertNotIn("Authorization", server.requests[0].headers)
+
+    def test_split_frames_from_server(self) -> None:
+        """Events split across many small chunks are rendered the same."""
+        stream = sse(*FULL_RUN)
+        whole, _ = run_pipe(make_pipe(FakeServer(body=stream)), {"messages": [user("hi")]})
+        chunks = [stream[i:i + 7] for i in range(0, len(stream), 7)]
+        split, _ = run_pipe(make_pipe(FakeServer(chunks=chunks)), {"messages": [user("hi")]})
+        self.assertEqual(split, whole)
+
+    def test_resumes_marker_session(self) -> None:
+        """The session in the newest marker is sent as session_id."""
+        server = FakeServer(body=sse(INIT, RESULT_OK))
+        messages = [user("a"), assistant("x\n\nsession_id=" + SESSION_A), user("b")]
+        run_pipe(make_pipe(server), {"messages": messages})
+        self.assertEqual(server.payload()["session_id"], SESSION_A)
+
+    def test_resumes_chat_session_without_marker(self) -> None:
+        """With the marker gone, the session this pipe saw in the chat is resumed."""
+        server = FakeServer(body=sse(INIT, RESULT_OK))
+        pipe = make_pipe(server)
+        pipe.remember("chat-9", SESSION_B)
+        run_pipe(pipe, {"messages": [user("a"), assistant("summary of earlier turns"), user("b")]},
+                 __metadata__={"chat_id": "chat-9"})
+        self.assertEqual(server.payload()["session_id"], SESSION_B)
+
+    def test_new_session(self) -> None:
+        """new_session=true sends no session_id even when a marker exists."""
+        server = FakeServer(body=sse(INIT, RESULT_OK))
+        messages = [assistant("session_id=" + SESSION_A), user("new_session=true\nstart over")]
+        run_pipe(make_pipe(server), {"messages": messages})
+        self.assertEqual(server.payload(), {"prompt": "start over"})
+
+    def test_carried_settings_sent(self) -> None:
+        """Settings from earlier user messages are sent with later turns."""
+        server = FakeServer(body=sse(INIT, RESULT_OK))
+        messages = [user("dangerously-skip-permissions=true\nfirst"), assistant("session_id=" + SESSION_A),
+                    user("second")]
+        run_pipe(make_pipe(server), {"messages": messages})
+        self.assertEqual(server.payload(), {"prompt": "second", "session_id": SESSION_A,
+                                            "dangerously-skip-permissions": True})
+
+    def test_error_result(self) -> None:
+        """An is_error result becomes readable text, still followed by the marker."""
+        server = FakeServer(body=sse(INIT, RESULT_CLI_FAILED))
+        text, events = run_pipe(make_pipe(server), {"messages": [user("hi")]})
+        self.assertIn("**Claude Code failed:**", text)
+        self.assertIn("boom", text)
+        self.assertTrue(text.endswith("session_id=" + SESSION_C))
+        self.assertIn("Failed", self.assertClosedStatus(events))
+
+    def test_http_error(self) -> None:
+        """An HTTP refusal shows its JSON message; the resumed session's marker is kept."""
+        body = json.dumps({"error": {"code": "session_busy", "message": "a turn is still running"}}).encode()
+        server = FakeServer(status=409, body=body)
+        messages = [assistant("session_id=" + SESSION_A), user("hi")]
+        text, events = run_pipe(make_pipe(server), {"messages": messages})
+        self.assertIn("HTTP 409 session_busy", text)
+        self.assertIn("a turn is still running", text)
+        self.assertTrue(text.endswith("session_id=" + SESSION_A))
+        self.assertIn("409", self.assertClosedStatus(events))
+
+    def test_unknown_session(self) -> None:
+        """A 404 for the resumed session suggests new_session=true and gives no marker for it."""
+        body = json.dumps({"error": {"code": "session_not_found", "message": "no session"}}).encode()
+        server = FakeServer(status=404, body=body)
+        text, _ = run_pipe(make_pipe(server), {"messages": [assistant("session_id=" + SESSION_A), user("hi")]})
+        self.assertIn("new_session=true", text)
+        self.assertNotIn("\nsession_id=", text)
+
+    def test_connection_refused(self) -> None:
+        """A server that is down gives a readable message, not an exception."""
+        server = FakeServer(error=httpx.ConnectError("[Errno 111] Connection refused"))
+        text, events = run_pipe(make_pipe(server), {"messages": [user("hi")]})
+        self.assertIn("Could not connect to claudesrv", text)
+        self.assertIn("Connection refused", text)
+        self.assertEqual(self.assertClosedStatus(events), "Failed")
+
+    def test_real_connection_refused(self) -> None:
+        """A real refused TCP connection (nothing listening) is readable text too."""
+        pipe = make_pipe(None, base_url="http://127.0.0.1:9", connect_timeout=5)
+        text, _ = run_pipe(pipe, {"messages": [user("hi")]})
+        self.assertIn("Could not connect to claudesrv", text)
+
+    def test_timeouts(self) -> None:
+        """Connect and idle-read timeouts give readable messages naming the valve."""
+        text, _ = run_pipe(make_pipe(FakeServer(error=httpx.ReadTimeout("slow"))), {"messages": [user("hi")]})
+        self.assertIn("idle_timeout", text)
+        text, _ = run_pipe(make_pipe(FakeServer(error=httpx.ConnectTimeout("slow"))), {"messages": [user("hi")]})
+        self.assertIn("Could not connect", text)
+
+    def test_stream_without_result(self) -> None:
+        """A stream that ends before the result event says so."""
+        server = FakeServer(body=sse(INIT, TEXT_BEFORE))
+        text, events = run_pipe(make_pipe(server), {"messages": [user("hi")]})
+        self.assertIn("ended before Claude Code finished", text)
+        self.assertTrue(text.endswith("session_id=" + SESSION_C))
+        self.assertEqual(self.assertClosedStatus(events), "Failed")
+
+    def test_refused_parameter_makes_no_call(self) -> None:
+        """A '-' value is refused in the answer and nothing is sent to the server."""
+        server = FakeServer(body=sse(INIT, RESULT_OK))
+        text, events = run_pipe(make_pipe(server), {"messages": [user("allowedTools=--help\nhi")]})
+        self.assertIn("must not start with `-`", text)
+        self.assertEqual(server.requests, [])
+        self.assertEqual(events, [])
+
+    def test_settings_only_message_makes_no_call(self) -> None:
+        """A message holding only settings is acknowledged without calling the server."""
+        server = FakeServer(body=sse(INIT, RESULT_OK))
+        text, _ = run_pipe(make_pipe(server), {"messages": [user("dangerously-skip-permissions=true")]})
+        self.assertIn("dangerously-skip-permissions=true", text)
+        self.assertEqual(server.requests, [])
+
+    def test_no_event_emitter(self) -> None:
+        """Without an event emitter (not a browser chat) the pipe still answers."""
+        server = FakeServer(body=sse(*FULL_RUN))
+
+        async def collect() -> str:
+            pipe = make_pipe(server)
+            return "".join([piece async for piece in pipe.pipe({"messages": [user("hi")]}, __event_emitter__=None)])
+
+        self.assertIn("Done: file.txt holds hi.", asyncio.run(collect()))
+
+    def test_failing_event_emitter_ignored(self) -> None:
+        """An event emitter that raises does not break the answer."""
+        server = FakeServer(body=sse(*FULL_RUN))
+
+        async def broken(event: dict[str, Any]) -> None:
+            raise RuntimeError("socket gone")
+
+        async def collect() -> str:
+            pipe = make_pipe(server)
+            return "".join([piece async for piece in pipe.pipe({"messages": [user("hi")]}, __event_emitter__=broken)])
+
+        self.assertTrue(asyncio.run(collect()).endswith("session_id=" + SESSION_C))
+
+
+class StopTests(SynchronousTestCase):
+    def start(self) -> tuple[FakeServer, Any, list[dict[str, Any]], Callable[[dict[str, Any]], Any]]:
+        server = FakeServer(chunks=[sse(INIT, TEXT_BEFORE)], hang=True)
+        events: list[dict[str, Any]] = []
+
+        async def emitter(event: dict[str, Any]) -> None:
+            events.append(event)
+
+        return server, make_pipe(server), events, emitter
+
+    def test_aclose_closes_stream(self) -> None:
+        """Closing the generator mid-run (Open WebUI's Stop) closes the HTTP stream and the status."""
+        server, pipe, events, emitter = self.start()
+
+        async def scenario() -> str:
+            answer = pipe.pipe({"messages": [user("hi")]}, __chat_id__="c", __event_emitter__=emitter)
+            first = str(await answer.__anext__())
+            await answer.aclose()
+            return first
+
+        self.assertEqual(asyncio.run(scenario()), "I will use Bash.")
+        self.assertTrue(server.stream.closed)
+        self.assertEqual(events[-1]["data"], {"description": "Stopped", "done": True})
+        self.assertEqual(pipe.chat_sessions, {"c": SESSION_C})
+
+    def test_cancel_propagates_and_closes_stream(self) -> None:
+        """Cancelling the task reading the pipe closes the stream and the CancelledError is not swallowed."""
+        server, pipe, events, emitter = self.start()
+        pieces: list[str] = []
+
+        async def consume() -> None:
+            async for piece in pipe.pipe({"messages": [user("hi")]}, __event_emitter__=emitter):
+                pieces.append(piece)
+
+        async def scenario() -> bool:
+            task = asyncio.ensure_future(consume())
+            while not pieces:
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                return True
+            return False
+
+        self.assertTrue(asyncio.run(scenario()))
+        self.assertEqual(pieces, ["I will use Bash."])
+        self.assertTrue(server.stream.closed)
+        self.assertEqual(events[-1]["data"]["done"], True)
