@@ -75,7 +75,7 @@ class _DaemonProtocol(ProcessProtocol):
     def outReceived(self, data: bytes) -> None:
         self.output += data
         if not self.port.called:
-            m = re.search(rb"Site starting on (\d+)", self.output)
+            m = re.search(rb"Site (?:\(TLS\) )?starting on (\d+)", self.output)
             if m:
                 self.port.callback(int(m.group(1)))
 

@@ -1,0 +1,362 @@
+"""
+Security and bad input, against a real twistd: every bad request gets its status and a JSON error and
+leaves nothing behind; the daemon is closed by default and opens only on purpose.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import sqlite3
+from typing import Any
+
+import treq
+from twisted.internet import reactor, ssl, utils
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseNeverReceived
+
+from tests.support import TWISTD, Daemon, SSEParser, post, wait_for
+
+UUID = "6a1c5e0e-3b8c-4a57-9d7e-6ad0a39b8c11"
+TOKEN = "s3cret-token-value"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+JSON = {"Content-Type": "application/json"}
+
+
+def j(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+# (name, method, path, headers, body) -> (status, error code)
+BAD_REQUESTS: list[tuple[str, bytes, str, dict[str, str], bytes, int, str]] = [
+    ("no token", b"POST", "/api/claude", JSON, j(prompt="x"), 401, "unauthorized"),
+    ("wrong token", b"POST", "/api/claude", {**JSON, "Authorization": "Bearer nope"}, j(prompt="x"),
+     401, "unauthorized"),
+    ("basic auth", b"POST", "/api/claude", {**JSON, "Authorization": f"Basic {TOKEN}"}, j(prompt="x"),
+     401, "unauthorized"),
+    ("foreign host", b"POST", "/api/claude", {**AUTH, **JSON, "Host": "evil.com"}, j(prompt="x"),
+     403, "host_not_allowed"),
+    ("rebinding host", b"POST", "/api/claude", {**AUTH, **JSON, "Host": "127.0.0.1.evil.com:3000"},
+     j(prompt="x"), 403, "host_not_allowed"),
+    ("no content type", b"POST", "/api/claude", AUTH, j(prompt="x"), 415, "unsupported_media_type"),
+    ("text/plain", b"POST", "/api/claude", {**AUTH, "Content-Type": "text/plain"}, j(prompt="x"),
+     415, "unsupported_media_type"),
+    ("form post", b"POST", "/api/claude", {**AUTH, "Content-Type": "application/x-www-form-urlencoded"},
+     b"prompt=x", 415, "unsupported_media_type"),
+    ("GET claude", b"GET", "/api/claude", AUTH, b"", 405, "method_not_allowed"),
+    ("PUT claude", b"PUT", "/api/claude", {**AUTH, **JSON}, j(prompt="x"), 405, "method_not_allowed"),
+    ("DELETE claude", b"DELETE", "/api/claude", AUTH, b"", 405, "method_not_allowed"),
+    ("no route", b"POST", "/api/nope", {**AUTH, **JSON}, j(prompt="x"), 404, "not_found"),
+    ("broken json", b"POST", "/api/claude", {**AUTH, **JSON}, b"{nope", 400, "invalid_json"),
+    ("not utf-8", b"POST", "/api/claude", {**AUTH, **JSON}, b'{"prompt":"\xff"}', 400, "invalid_json"),
+    ("array body", b"POST", "/api/claude", {**AUTH, **JSON}, b"[]", 400, "invalid_json"),
+    ("string body", b"POST", "/api/claude", {**AUTH, **JSON}, b'"hi"', 400, "invalid_json"),
+    ("null body", b"POST", "/api/claude", {**AUTH, **JSON}, b"null", 400, "invalid_json"),
+    ("empty body", b"POST", "/api/claude", {**AUTH, **JSON}, b"", 400, "invalid_json"),
+    ("no prompt", b"POST", "/api/claude", {**AUTH, **JSON}, j(), 400, "missing_field"),
+    ("prompt number", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt=3), 400, "invalid_field"),
+    ("prompt list", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt=["x"]), 400, "invalid_field"),
+    ("prompt empty", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt=""), 400, "invalid_field"),
+    ("prompt blank", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt=" \r\n\t"), 400, "invalid_field"),
+    ("prompt NUL", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="a\0b"), 400, "invalid_field"),
+    ("prompt too big", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x" * 2001), 400, "prompt_too_large"),
+    ("lone surrogate", b"POST", "/api/claude", {**AUTH, **JSON}, b'{"prompt":"\\ud800"}', 400, "invalid_field"),
+    ("unknown field", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", model="opus"), 400, "unknown_field"),
+    ("session number", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", session_id=5), 400, "invalid_field"),
+    ("session not uuid", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", session_id="abc"),
+     400, "invalid_field"),
+    ("session upper", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", session_id=UUID.upper()),
+     400, "invalid_field"),
+    ("session braces", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", session_id="{" + UUID + "}"),
+     400, "invalid_field"),
+    ("session option", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", session_id="--help"),
+     400, "invalid_field"),
+    ("skip as string", b"POST", "/api/claude", {**AUTH, **JSON},
+     j(prompt="x", **{"dangerously-skip-permissions": "true"}), 400, "invalid_field"),
+    ("skip as number", b"POST", "/api/claude", {**AUTH, **JSON},
+     j(prompt="x", **{"dangerously-skip-permissions": 1}), 400, "invalid_field"),
+    ("skip denied", b"POST", "/api/claude", {**AUTH, **JSON},
+     j(prompt="x", **{"dangerously-skip-permissions": True}), 403, "skip_permissions_denied"),
+    ("tools string", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", allowedTools="Bash"),
+     400, "invalid_field"),
+    ("tools numbers", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", allowedTools=[1]), 400, "invalid_field"),
+    ("tools empty item", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", allowedTools=[""]),
+     400, "invalid_field"),
+    ("tools option", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", allowedTools=["--model"]),
+     400, "invalid_field"),
+    ("tools newline", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", allowedTools=["Bash\nEdit"]),
+     400, "invalid_field"),
+    ("disallowed object", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", disallowedTools={}),
+     400, "invalid_field"),
+    ("disallowed dash", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", disallowedTools=["-p"]),
+     400, "invalid_field"),
+    ("disallowed NUL", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", disallowedTools=["a\0"]),
+     400, "invalid_field"),
+    ("body too large", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x" * 5000), 413, "body_too_large"),
+    ("unknown session", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", session_id=UUID),
+     404, "session_not_found"),
+    ("cancel unknown", b"POST", f"/api/sessions/{UUID}/cancel", {**AUTH, **JSON}, b"{}", 404, "session_not_found"),
+    ("cancel garbage", b"POST", "/api/sessions/..%2f..%2fetc/cancel", {**AUTH, **JSON}, b"{}", 404, "not_found"),
+    ("cancel not uuid", b"POST", "/api/sessions/abc/cancel", {**AUTH, **JSON}, b"{}", 404, "session_not_found"),
+    ("limit zero", b"GET", "/api/sessions?limit=0", AUTH, b"", 400, "invalid_query"),
+    ("limit huge", b"GET", "/api/sessions?limit=501", AUTH, b"", 400, "invalid_query"),
+    ("bad cursor", b"GET", "/api/sessions?cursor=zzz", AUTH, b"", 400, "invalid_query"),
+    ("get unknown", b"GET", f"/api/sessions/{UUID}", AUTH, b"", 404, "session_not_found"),
+    ("delete unknown", b"DELETE", f"/api/sessions/{UUID}", AUTH, b"", 404, "session_not_found"),
+    ("preflight foreign origin", b"OPTIONS", "/api/claude",
+     {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}, b"", 403, "origin_not_allowed"),
+]
+
+
+class BadRequestTable(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_table(self) -> Any:
+        """Each bad request gets its status and a JSON error naming the problem; afterwards a good request
+        still works and the data dir holds nothing from the bad ones: no row, no workspace, no CLI run."""
+        daemon = yield Daemon(self, "--skip-permissions", "deny", "--max-prompt", "2000", "--max-body", "4096",
+                              env={"CLAUDESRV_AUTH_TOKENS": f"other,{TOKEN}"}).start()
+        self.assertGreaterEqual(len(BAD_REQUESTS), 40)
+        for name, method, path, headers, body, status, code in BAD_REQUESTS:
+            hdrs = {"Host": f"127.0.0.1:{daemon.port}", **headers}
+            response = yield treq.request(method.decode(), daemon.url + path, headers=hdrs, data=body or None,
+                                          persistent=False)
+            content = yield response.content()
+            self.assertEqual(response.code, status, f"{name}: {content[:200]!r}")
+            error = json.loads(content)["error"]
+            self.assertEqual(error["code"], code, name)
+            self.assertTrue(error["message"], name)
+            if status == 401:
+                self.assertEqual(response.headers.getRawHeaders("WWW-Authenticate"), ['Bearer realm="claudesrv"'])
+        self.assertEqual(daemon.rows(), [])
+        self.assertEqual(daemon.workspaces(), [])
+        self.assertEqual(daemon.invocations(), [])
+        good = yield post(daemon.url + "/api/claude", {"prompt": "hello"}, headers=AUTH)
+        self.assertEqual(good.status, 200)
+        self.assertEqual(len(good.sse.results()), 1)
+        self.assertEqual(len(daemon.rows()), 1)
+        self.assertEqual(len(daemon.workspaces()), 1)
+        self.assertNotIn(TOKEN, daemon.log)
+
+
+class ListeningPolicy(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def run_twistd(self, *args: str, env: dict[str, str] | None = None) -> Any:
+        full_env = {k: v for k, v in os.environ.items() if k != "CLAUDESRV_AUTH_TOKENS"}
+        full_env.update(env or {})
+        out, err, code = yield utils.getProcessOutputAndValue(
+            TWISTD[0], [*TWISTD[1:], "-n", "--pidfile=", "claudesrv", "--data-dir", self.mktemp(), *args],
+            env=full_env)
+        return out.decode() + err.decode(), code
+
+    @inlineCallbacks
+    def test_refuses_open_listener_without_token(self) -> Any:
+        """A listener beyond loopback (wildcard, external, TLS, unix) without a token stops the daemon
+        at start with a message that names the options to use."""
+        for listen in ("tcp:0", "tcp:0:interface=0.0.0.0", "unix:/tmp/claudesrv-test.sock",
+                       "ssl:0:privateKey=k.pem:certKey=c.pem:interface=127.0.0.1"):
+            text, code = yield self.run_twistd("--listen", listen)
+            self.assertNotEqual(code, 0, listen)
+            self.assertIn("--auth-token-file", text, listen)
+            self.assertIn("--insecure-no-auth", text, listen)
+
+    @inlineCallbacks
+    def test_open_listener_with_token_or_on_purpose(self) -> Any:
+        """With a token, or with --insecure-no-auth, the daemon listens on all interfaces."""
+        daemon = yield Daemon(self, listen="tcp:0", env={"CLAUDESRV_AUTH_TOKENS": TOKEN}).start()
+        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers=AUTH)
+        self.assertEqual(reply.status, 200)
+        daemon = yield Daemon(self, "--insecure-no-auth", listen="tcp:0").start()
+        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"})
+        self.assertEqual(reply.status, 200)
+        self.assertNotIn("--auth-token-file", daemon.log)
+
+
+class Tokens(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_token_file_reloaded_on_sighup(self) -> Any:
+        """Tokens come from --auth-token-file; SIGHUP re-reads it, so a replaced token stops working at once.
+        /healthz needs no token. No token ever reaches the log."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("# tokens\nfirst-token\n")
+        daemon = yield Daemon(self, "--auth-token-file", path).start()
+        ok = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Authorization": "Bearer first-token"})
+        self.assertEqual(ok.status, 200)
+        health = yield treq.get(daemon.url + "/healthz", persistent=False)
+        self.assertEqual((health.code, (yield health.json())), (200, {"status": "ok"}))
+        with open(path, "w") as f:
+            f.write("second-token\n")
+        daemon.signal(signal.SIGHUP)
+        yield wait_for(lambda: "reloaded 1 auth token" in daemon.log)
+        old = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Authorization": "Bearer first-token"})
+        self.assertEqual(old.status, 401)
+        new = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Authorization": "Bearer second-token"})
+        self.assertEqual(new.status, 200)
+        self.assertNotIn("first-token", daemon.log)
+        self.assertNotIn("second-token", daemon.log)
+
+    @inlineCallbacks
+    def test_repeated_failures_throttled(self) -> Any:
+        """After 10 failed authentications in a minute from one address, that address gets 429."""
+        daemon = yield Daemon(self, env={"CLAUDESRV_AUTH_TOKENS": TOKEN}).start()
+        for _ in range(10):
+            reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Authorization": "Bearer x"})
+            self.assertEqual(reply.status, 401)
+        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers=AUTH)
+        self.assertEqual(reply.status, 429)
+        self.assertEqual(reply.json()["error"]["code"], "too_many_auth_failures")
+        self.assertEqual(reply.header("Retry-After"), "60")
+
+
+class HostsAndOrigins(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_hosts(self) -> Any:
+        """On loopback, localhost, 127.0.0.1, [::1] (any port) and --allowed-host names are accepted."""
+        daemon = yield Daemon(self, "--allowed-host", "claude.internal").start()
+        for host in ("localhost", "localhost:1", "127.0.0.1", f"127.0.0.1:{daemon.port}", "[::1]:3000",
+                     "claude.internal", "CLAUDE.internal:8080"):
+            reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Host": host})
+            self.assertEqual(reply.status, 200, host)
+        for host in ("evil.com", "localhost.evil.com", "[::2]"):
+            reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Host": host})
+            self.assertEqual(reply.status, 403, host)
+
+    @inlineCallbacks
+    def test_cors_opt_in_exact_origin(self) -> Any:
+        """Only a listed origin, compared whole, gets CORS headers and preflight answers."""
+        origin = "http://127.0.0.1:8080"
+        daemon = yield Daemon(self, "--cors-origin", origin).start()
+        pre = yield treq.request("OPTIONS", daemon.url + "/api/claude", persistent=False, headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        self.assertEqual(pre.code, 204)
+        self.assertEqual(pre.headers.getRawHeaders("Access-Control-Allow-Origin"), [origin])
+        self.assertIn("Authorization", pre.headers.getRawHeaders("Access-Control-Allow-Headers")[0])
+        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Origin": origin})
+        self.assertEqual(reply.header("Access-Control-Allow-Origin"), origin)
+        for evil in ("http://127.0.0.1:8080.evil.com", "http://127.0.0.1", "null"):
+            reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Origin": evil})
+            self.assertIsNone(reply.header("Access-Control-Allow-Origin"), evil)
+
+
+class PermissionPolicy(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_deny_tool_always_added(self) -> Any:
+        """--deny-tool names reach the CLI's disallowed tools whatever the request says."""
+        daemon = yield Daemon(self, "--deny-tool", "WebFetch", "--deny-tool", "Bash(rm *)").start()
+        yield post(daemon.url + "/api/claude", {"prompt": "hi", "disallowedTools": ["Edit"]})
+        argv = daemon.invocations()[0]["argv"]
+        i = argv.index("--disallowedTools")
+        self.assertEqual(argv[i + 1:i + 4], ["Edit", "WebFetch", "Bash(rm *)"])
+
+    @inlineCallbacks
+    def test_skip_permissions_as_root(self) -> Any:
+        """As root, dangerously-skip-permissions is refused with an explanation unless --sandboxed, which
+        gives the CLI IS_SANDBOX=1 so that the run works."""
+        if os.geteuid() != 0:
+            raise SkipTest("needs root")
+        daemon = yield Daemon(self).start()
+        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi", "dangerously-skip-permissions": True})
+        self.assertEqual(reply.status, 403)
+        self.assertIn("--sandboxed", reply.json()["error"]["message"])
+        self.assertEqual(daemon.invocations(), [])
+        daemon = yield Daemon(self, "--sandboxed").start()
+        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi", "dangerously-skip-permissions": True})
+        self.assertFalse(reply.sse.results()[0]["is_error"])
+        [call] = daemon.invocations()
+        self.assertEqual(call["env"]["IS_SANDBOX"], "1")
+        self.assertIn("--dangerously-skip-permissions", call["argv"])
+
+
+class WorkspaceContainment(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_row_outside_root_is_never_a_cwd(self) -> Any:
+        """A stored workspace outside <data-dir>/Workspace/ (a sibling 'Workspace-evil' included) is an
+        error, and no CLI runs there."""
+        daemon = yield Daemon(self).start()
+        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"})
+        evil = os.path.join(daemon.data_dir, "Workspace-evil", "session-x")
+        os.makedirs(evil)
+        for sid, path in ((UUID, evil), ("7a1c5e0e-3b8c-4a57-9d7e-6ad0a39b8c11", "/tmp")):
+            with sqlite3.connect(os.path.join(daemon.data_dir, "sessions.db")) as db:
+                db.execute("INSERT INTO sessions (claude_session_id, workspace_path) VALUES (?, ?)", (sid, path))
+            reply = yield post(daemon.url + "/api/claude", {"prompt": "hi", "session_id": sid})
+            self.assertEqual((reply.status, reply.json()["error"]["code"]), (500, "workspace_outside_root"))
+        self.assertEqual(len(daemon.invocations()), 1)
+
+
+def make_tls_files(directory: str) -> tuple[bytes, str, str]:
+    """A CA of our own and a server certificate for localhost/127.0.0.1 signed by it."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "claudesrv test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    key_path = os.path.join(directory, "server.key")
+    cert_path = os.path.join(directory, "server.pem")
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return ca.public_bytes(serialization.Encoding.PEM), key_path, cert_path
+
+
+class TLS(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_tls_listener(self) -> Any:
+        """--listen ssl:... serves the API over TLS; a client that trusts our CA verifies the hostname."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        ca_pem, key_path, cert_path = make_tls_files(directory)
+        daemon = yield Daemon(self, listen=f"ssl:0:privateKey={key_path}:certKey={cert_path}:interface=127.0.0.1",
+                              env={"CLAUDESRV_AUTH_TOKENS": TOKEN}).start()
+        policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(ca_pem))
+        client = treq.client.HTTPClient(Agent(reactor, contextFactory=policy))
+        response = yield client.post(f"https://localhost:{daemon.port}/api/claude", json={"prompt": "hi"},
+                                     headers=AUTH)
+        self.assertEqual(response.code, 200)
+        sse = SSEParser()
+        sse.feed((yield response.content()))
+        self.assertEqual(len(sse.results()), 1)
+        untrusting = treq.client.HTTPClient(Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS()))
+        outcome = yield untrusting.get(f"https://localhost:{daemon.port}/healthz").addCallbacks(
+            lambda _: [], lambda f: [f])
+        self.assertEqual(len(outcome), 1, "a client that does not trust our CA must refuse the certificate")
+        self.assertTrue(outcome[0].check(ResponseNeverReceived))
