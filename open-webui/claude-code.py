@@ -547,8 +547,11 @@ def render_http_error(status: int, body: bytes) -> str:
     text = f"**claudesrv refused the request** (HTTP {status}{' ' + code if code else ''})"
     if message:
         text += f": {message}"
-    if status in (401, 403):
+    if status == 401:
         text += "\n\nCheck the `api_token` valve of this function."
+    elif code.startswith("skip_permissions"):
+        text += ("\n\nSend `dangerously-skip-permissions=false` (alone or with your request): "
+                 "the setting stays in force for the rest of this chat.")
     elif code in ("session_not_found", "workspace_missing") or status == 410:
         text += "\n\n" + NEW_SESSION_HINT
     elif code == "session_busy":

@@ -1,0 +1,442 @@
+"""
+The Open WebUI pipe ``open-webui/claude-code.py`` against a real ``twistd -n claudesrv`` with the fake CLI.
+
+The pipe file is loaded by path and executed in a fresh module, as Open WebUI's loader does, and
+``Pipe().pipe(...)`` is driven with bodies shaped like Open WebUI's. The pipe is asyncio code and the
+test runs the Twisted reactor, so each conversation with the pipe runs under ``asyncio.run`` in a
+thread of its own (``deferToThread``); the daemon is a separate process either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import sys
+import types
+import uuid
+from collections.abc import AsyncGenerator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tests.support import Daemon, pid_alive, wait_for
+
+PIPE_PATH = Path(__file__).resolve().parent.parent / "open-webui" / "claude-code.py"
+
+# Open WebUI 0.12.4 (open_webui/utils/plugin.py) runs str.replace with these before exec.
+OPEN_WEBUI_REWRITES = {
+    "from utils": "from open_webui.utils",
+    "from apps": "from open_webui.apps",
+    "from main": "from open_webui.main",
+    "from config": "from open_webui.config",
+}
+
+MARKER = re.compile(r"\nsession_id=([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\Z")
+FAKE_TEXT = "MOCK-REPLY: hello"  # the assistant text of recording a_hello, whatever the prompt
+UNKNOWN_SESSION = "0b9e7c1a-6f2d-4c3b-9a8e-1d2c3b4a5f60"
+
+
+def load_pipe_module() -> Any:
+    """Execute the pipe file in a fresh module namespace, as Open WebUI's loader does."""
+    text = PIPE_PATH.read_text(encoding="utf-8")
+    for old, new in OPEN_WEBUI_REWRITES.items():
+        text = text.replace(old, new)
+    name = f"function_claude_code_{uuid.uuid4().hex}"
+    module = types.ModuleType(name)
+    module.__dict__["__file__"] = str(PIPE_PATH)
+    sys.modules[name] = module
+    try:
+        exec(compile(text, str(PIPE_PATH), "exec"), module.__dict__)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+pipe_module = load_pipe_module()
+
+
+def make_pipe(**valves: Any) -> Any:
+    """A Pipe as Open WebUI makes one: no arguments, then the admin's valves applied."""
+    pipe = pipe_module.Pipe()
+    pipe.valves = pipe_module.Pipe.Valves(**valves)
+    return pipe
+
+
+def user(content: Any) -> dict[str, Any]:
+    return {"role": "user", "content": content}
+
+
+def assistant(content: Any) -> dict[str, Any]:
+    return {"role": "assistant", "content": content}
+
+
+def chat(*messages: dict[str, Any], stream: bool = True) -> dict[str, Any]:
+    """A body shaped like the one Open WebUI hands a pipe."""
+    return {"model": "claude_code.claude-code", "stream": stream, "messages": list(messages)}
+
+
+class Recorder:
+    """An ``__event_emitter__``: records every event it is awaited with."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    async def __call__(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def statuses(self) -> list[tuple[str, bool]]:
+        return [(e["data"]["description"], e["data"]["done"]) for e in self.events if e.get("type") == "status"]
+
+
+class Turn:
+    """What one call of the pipe produced: the text chunks and the status events."""
+
+    def __init__(self, chunks: list[str], recorder: Recorder) -> None:
+        self.chunks = chunks
+        self.recorder = recorder
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+    @property
+    def stored(self) -> str:
+        """The answer as it comes back in Open WebUI's history: trailing whitespace trimmed."""
+        return self.text.rstrip()
+
+    def session_id(self) -> str | None:
+        m = MARKER.search(self.stored)
+        return m.group(1) if m else None
+
+    def statuses(self) -> list[tuple[str, bool]]:
+        return self.recorder.statuses()
+
+
+def in_thread(coroutine_function: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run an asyncio coroutine function under asyncio.run in a reactor thread; a Deferred of its result."""
+    return deferToThread(asyncio.run, coroutine_function())
+
+
+def run_pipe(pipe: Any, body: dict[str, Any], **dunders: Any) -> Any:
+    """Call pipe.pipe like Open WebUI (only named dunder arguments) and read the whole answer."""
+    recorder = Recorder()
+
+    async def consume() -> Turn:
+        answer = pipe.pipe(body, __event_emitter__=recorder, **dunders)
+        if isinstance(answer, AsyncGenerator):
+            chunks = [chunk async for chunk in answer]
+        else:
+            chunks = [await answer]
+        for chunk in chunks:
+            assert isinstance(chunk, str), chunk
+        return Turn(chunks, recorder)
+
+    return in_thread(consume)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PipeAgainstDaemon(TestCase):
+    """Conversations through the pipe with a real claudesrv and the fake CLI."""
+
+    timeout = 30
+
+    def check_finished(self, turn: Turn) -> None:
+        """Status lines were shown and the last one, and only it, says done."""
+        statuses = turn.statuses()
+        self.assertTrue(statuses, "no status events")
+        self.assertTrue(statuses[-1][1], statuses)
+        self.assertEqual([done for _, done in statuses[:-1]], [False] * (len(statuses) - 1), statuses)
+
+    @inlineCallbacks
+    def test_new_session(self) -> Any:
+        """A first message starts a session: the assistant's text streams, the answer ends with a
+        ``session_id=<uuid>`` line for that session, and the status line ends with done True."""
+        daemon = yield Daemon(self).start()
+        turn = yield run_pipe(make_pipe(base_url=daemon.url), chat(user("hello")), __chat_id__="chat-1")
+        self.assertIn(FAKE_TEXT, turn.text)
+        session = turn.session_id()
+        self.assertIsNotNone(session, turn.text)
+        [call] = daemon.invocations()
+        self.assertEqual(call["session_id"], session)
+        self.assertEqual(call["prompt"], "hello")
+        self.assertNotIn("--resume", call["argv"])
+        self.check_finished(turn)
+        self.assertEqual(turn.statuses()[0], ("Starting Claude Code…", False))
+        self.assertTrue(turn.statuses()[-1][0].startswith("Done"), turn.statuses())
+
+    @inlineCallbacks
+    def test_second_turn_resumes_from_history(self) -> Any:
+        """A later message resumes the session named by the marker in the history (string or
+        list-of-parts content alike), in the first run's workspace; a fresh Pipe finds it, so it
+        comes from the history and not from the pipe's memory."""
+        daemon = yield Daemon(self).start()
+        first = yield run_pipe(make_pipe(base_url=daemon.url), chat(user("hello")))
+        session = first.session_id()
+        self.assertIsNotNone(session)
+
+        history = [user("hello"), assistant(first.stored)]
+        second = yield run_pipe(make_pipe(base_url=daemon.url), chat(*history, user("again")))
+        self.assertEqual(second.session_id(), session)
+        self.assertEqual(second.statuses()[0], ("Resuming the Claude Code session…", False))
+        self.check_finished(second)
+
+        parts = [user([{"type": "text", "text": "hello"}]),
+                 assistant([{"type": "text", "text": first.stored}]),
+                 user([{"type": "text", "text": "again"}]),
+                 assistant(second.stored),
+                 user([{"type": "text", "text": "third"}, {"type": "image_url", "image_url": {"url": "x"}}])]
+        third = yield run_pipe(make_pipe(base_url=daemon.url), chat(*parts))
+        self.assertIn(FAKE_TEXT, third.text)
+        self.assertEqual(third.session_id(), session)
+
+        calls = daemon.invocations()
+        self.assertEqual([c["prompt"] for c in calls], ["hello", "again", "third"])
+        for call in calls[1:]:
+            argv = call["argv"]
+            self.assertEqual(argv[argv.index("--resume") + 1], session)
+            self.assertEqual(call["cwd"], calls[0]["cwd"])
+
+    @inlineCallbacks
+    def test_chat_id_fallback(self) -> Any:
+        """When the marker is gone from the history (context compaction), the same Pipe resumes the
+        session it last saw in that chat (``__chat_id__``, or ``chat_id`` in ``__metadata__``)."""
+        daemon = yield Daemon(self).start()
+        pipe = make_pipe(base_url=daemon.url)
+        first = yield run_pipe(pipe, chat(user("hello")), __metadata__={"chat_id": "chat-7"})
+        session = first.session_id()
+        summary = [user("hello"), assistant("A summary of the chat so far."), user("again")]
+        second = yield run_pipe(pipe, chat(*summary), __chat_id__="chat-7")
+        self.assertEqual(second.session_id(), session)
+        other = yield run_pipe(pipe, chat(*summary), __chat_id__="chat-8")
+        self.assertNotEqual(other.session_id(), session)
+        argvs = [c["argv"] for c in daemon.invocations()]
+        self.assertEqual(argvs[1][argvs[1].index("--resume") + 1], session)
+        self.assertNotIn("--resume", argvs[2])
+
+    @inlineCallbacks
+    def test_parameters_carry_over(self) -> Any:
+        """allowedTools and dangerously-skip-permissions typed in an earlier user message reach the
+        CLI on that turn and on later turns; the parameter lines are not part of the prompt."""
+        daemon = yield Daemon(self, "--sandboxed").start()
+        opening = 'allowedTools=["Bash","Edit"]\ndangerously-skip-permissions=true\nlist the files'
+        first = yield run_pipe(make_pipe(base_url=daemon.url), chat(user(opening)))
+        self.assertIn(FAKE_TEXT, first.text)
+        second = yield run_pipe(make_pipe(base_url=daemon.url),
+                                chat(user(opening), assistant(first.stored), user("and now the dirs")))
+        self.assertIn(FAKE_TEXT, second.text)
+        calls = daemon.invocations()
+        self.assertEqual([c["prompt"] for c in calls], ["list the files", "and now the dirs"])
+        for call in calls:
+            argv = call["argv"]
+            self.assertIn("--dangerously-skip-permissions", argv)
+            at = argv.index("--allowedTools")
+            self.assertEqual(argv[at + 1:at + 3], ["Bash", "Edit"])
+            self.assertEqual(call["env"].get("IS_SANDBOX"), "1")
+        self.assertEqual(calls[1]["argv"][calls[1]["argv"].index("--resume") + 1], first.session_id())
+
+    @inlineCallbacks
+    def test_skip_permissions_refused(self) -> Any:
+        """A server that refuses dangerously-skip-permissions (HTTP 403) is rendered as readable text
+        naming the refusal, with no session marker and no CLI run; it does not blame the api_token
+        valve. The setting carries over, so the next message is refused too, until a message says
+        ``dangerously-skip-permissions=false``, as the answer tells the user."""
+        as_root = os.geteuid() == 0
+        daemon = yield Daemon(self, *(() if as_root else ("--skip-permissions", "deny"))).start()
+        asked = user("dangerously-skip-permissions=true\nrm -rf build")
+        turn = yield run_pipe(make_pipe(base_url=daemon.url), chat(asked))
+        code = "skip_permissions_as_root" if as_root else "skip_permissions_denied"
+        self.assertIn(f"**claudesrv refused the request** (HTTP 403 {code})", turn.text)
+        self.assertIn("Send `dangerously-skip-permissions=false`", turn.text)
+        self.assertNotIn("api_token", turn.text)
+        self.assertIsNone(turn.session_id())
+        self.assertEqual(turn.statuses()[-1], ("Refused (HTTP 403)", True))
+
+        again = yield run_pipe(make_pipe(base_url=daemon.url),
+                               chat(asked, assistant(turn.stored), user("rm -rf build")))
+        self.assertIn(f"(HTTP 403 {code})", again.text)
+        self.assertEqual(daemon.invocations(), [])
+
+        off = yield run_pipe(make_pipe(base_url=daemon.url),
+                             chat(asked, assistant(turn.stored), user("dangerously-skip-permissions=false\nls")))
+        self.assertIn(FAKE_TEXT, off.text)
+        [call] = daemon.invocations()
+        self.assertNotIn("--dangerously-skip-permissions", call["argv"])
+
+    @inlineCallbacks
+    def test_task_answered_without_request(self) -> Any:
+        """Open WebUI's background tasks (title, follow-ups, tags, others) are answered at once,
+        with a non-streaming body, and the server never runs the CLI for them."""
+        daemon = yield Daemon(self).start()
+        pipe = make_pipe(base_url=daemon.url)
+        body = chat(user("allowedTools=Bash\nFix the failing build please"), stream=False)
+        title = yield run_pipe(pipe, body, __task__="title_generation", __task_body__=body)
+        self.assertEqual(json.loads(title.text), {"title": "Fix the failing build please"})
+        follow = yield run_pipe(pipe, body, __task__="follow_up_generation", __task_body__=body)
+        self.assertEqual(json.loads(follow.text), {"follow_ups": []})
+        tags = yield run_pipe(pipe, body, __task__="tags_generation", __task_body__=body)
+        self.assertEqual(json.loads(tags.text), {"tags": []})
+        other = yield run_pipe(pipe, body, __task__="query_generation", __task_body__=body)
+        self.assertEqual(other.text, "")
+        self.assertEqual(daemon.invocations(), [])
+        self.assertNotIn("/api/claude", daemon.log)
+
+
+class ErrorsRendered(TestCase):
+    """Every way a turn can fail ends as readable text and a final status, never as an exception."""
+
+    timeout = 30
+
+    def assertFailedStatus(self, turn: Turn, prefix: str = "Failed") -> None:
+        last = turn.statuses()[-1]
+        self.assertTrue(last[1], last)
+        self.assertTrue(last[0].startswith(prefix), last)
+
+    @inlineCallbacks
+    def test_is_error_result(self) -> Any:
+        """A run whose result says is_error (API error 500) shows the CLI's message, the reason and
+        the API status, and still ends with the session marker."""
+        daemon = yield Daemon(self).start()
+        turn = yield run_pipe(make_pipe(base_url=daemon.url),
+                              chat(user("[[fake replay=g2_fail500_maxretries0]] hi")))
+        self.assertIn("**Claude Code failed:** API Error: 500 Internal server error.", turn.text)
+        self.assertIn("reason: api_error", turn.text)
+        self.assertIn("API status 500", turn.text)
+        self.assertEqual(turn.session_id(), daemon.invocations()[0]["session_id"])
+        self.assertFailedStatus(turn, "Failed: api_error")
+
+    @inlineCallbacks
+    def test_cli_failure_with_only_stderr(self) -> Any:
+        """A CLI that prints nothing on stdout and exits 3 with ``boom`` on stderr: the answer says
+        Claude Code failed, with the exit code and the stderr text; no session marker."""
+        daemon = yield Daemon(self).start()
+        turn = yield run_pipe(make_pipe(base_url=daemon.url),
+                              chat(user("[[fake no_init=1 exit=3 stderr=boom]] hi")))
+        self.assertIn("**Claude Code failed:**", turn.text)
+        self.assertIn("exit code 3", turn.text)
+        self.assertIn("<summary>stderr</summary>", turn.text)
+        self.assertIn("boom", turn.text)
+        self.assertIsNone(turn.session_id(), turn.text)
+        self.assertFailedStatus(turn)
+
+    @inlineCallbacks
+    def test_unknown_session(self) -> Any:
+        """A history marker naming a session the server does not know: HTTP 404 rendered with the
+        hint to start a new session, and the stale marker is not repeated."""
+        daemon = yield Daemon(self).start()
+        turn = yield run_pipe(make_pipe(base_url=daemon.url),
+                              chat(user("hello"), assistant(f"Hi.\n\nsession_id={UNKNOWN_SESSION}"), user("again")))
+        self.assertIn("**claudesrv refused the request** (HTTP 404 session_not_found)", turn.text)
+        self.assertIn("new_session=true", turn.text)
+        self.assertNotIn(f"session_id={UNKNOWN_SESSION}", turn.text)
+        self.assertIsNone(turn.session_id())
+        self.assertEqual(turn.statuses()[-1], ("Refused (HTTP 404)", True))
+        self.assertEqual(daemon.invocations(), [])
+
+    @inlineCallbacks
+    def test_bearer_token(self) -> Any:
+        """Against a server that wants a token, a wrong or missing ``api_token`` valve gives a
+        readable 401 pointing at the valve; the right one gets the answer."""
+        daemon = yield Daemon(self, env={"CLAUDESRV_AUTH_TOKENS": "secret"}).start()
+        for token in ("wrong", ""):
+            turn = yield run_pipe(make_pipe(base_url=daemon.url, api_token=token), chat(user("hello")))
+            self.assertIn("**claudesrv refused the request** (HTTP 401", turn.text)
+            self.assertIn("`api_token` valve", turn.text)
+            self.assertIsNone(turn.session_id())
+            self.assertEqual(turn.statuses()[-1], ("Refused (HTTP 401)", True))
+        self.assertEqual(daemon.invocations(), [])
+        good = yield run_pipe(make_pipe(base_url=daemon.url, api_token="secret"), chat(user("hello")))
+        self.assertIn(FAKE_TEXT, good.text)
+        self.assertIsNotNone(good.session_id())
+
+    @inlineCallbacks
+    def test_server_down(self) -> Any:
+        """Nothing listening at base_url: a readable "could not connect" naming the URL."""
+        url = f"http://127.0.0.1:{closed_port()}"
+        turn = yield run_pipe(make_pipe(base_url=url, connect_timeout=5), chat(user("hello")))
+        self.assertIn(f"**Could not connect to claudesrv** at {url}/api/claude", turn.text)
+        self.assertIn("`base_url` valve", turn.text)
+        self.assertIsNone(turn.session_id())
+        self.assertFailedStatus(turn)
+
+    @inlineCallbacks
+    def test_idle_timeout(self) -> Any:
+        """A run that goes silent (no keepalives) longer than the idle_timeout valve: the pipe stops
+        waiting, says so, keeps the session marker, and closing the stream stops the CLI."""
+        daemon = yield Daemon(self, "--keepalive", "0").start()
+        turn = yield run_pipe(make_pipe(base_url=daemon.url, idle_timeout=1), chat(user("[[fake hang=1]] hi")))
+        self.assertIn("**claudesrv sent nothing for 1 s**", turn.text)
+        self.assertIn("`idle_timeout` valve", turn.text)
+        [call] = daemon.invocations()
+        self.assertEqual(turn.session_id(), call["session_id"])
+        self.assertFailedStatus(turn)
+        yield wait_for(lambda: not pid_alive(call["pid"]))
+        self.assertEqual(daemon.signals()[:1], ["SIGINT"])
+
+
+class Cancellation(TestCase):
+    """Open WebUI's Stop ends the generator; the stream closes and the CLI is interrupted."""
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_aclose_stops_the_run(self) -> Any:
+        """Closing the pipe's generator after the first text (``aclose``) closes the HTTP stream: the
+        fake CLI gets SIGINT and exits, and the status line ends as Stopped, done."""
+        daemon = yield Daemon(self).start()
+        pipe = make_pipe(base_url=daemon.url)
+        recorder = Recorder()
+
+        async def stop_after_first_text() -> str:
+            answer = pipe.pipe(chat(user("[[fake lines=1 hang=1]] work")), __event_emitter__=recorder)
+            first: str = await answer.__anext__()
+            await answer.aclose()
+            return first
+
+        first = yield in_thread(stop_after_first_text)
+        self.assertTrue(first.strip(), first)
+        [call] = daemon.invocations()
+        yield wait_for(lambda: not pid_alive(call["pid"]))
+        self.assertEqual(daemon.signals(), ["SIGINT"])
+        self.assertEqual(recorder.statuses()[-1], ("Stopped", True))
+
+    @inlineCallbacks
+    def test_task_cancel_while_waiting(self) -> Any:
+        """Cancelling the task that reads the generator while it waits for data (no text yet, as when
+        Open WebUI cancels a chat's task) also closes the stream and interrupts the CLI."""
+        daemon = yield Daemon(self).start()
+        pipe = make_pipe(base_url=daemon.url)
+        recorder = Recorder()
+
+        async def cancel_when_working() -> bool:
+            async def consume() -> list[str]:
+                return [c async for c in pipe.pipe(chat(user("[[fake hang=1]] work")), __event_emitter__=recorder)]
+
+            task = asyncio.ensure_future(consume())
+            while ("Claude Code is working…", False) not in recorder.statuses():
+                await asyncio.sleep(0.02)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                return True
+            return False
+
+        cancelled = yield in_thread(cancel_when_working)
+        self.assertTrue(cancelled)
+        [call] = daemon.invocations()
+        yield wait_for(lambda: not pid_alive(call["pid"]))
+        self.assertEqual(daemon.signals(), ["SIGINT"])
+        self.assertEqual(recorder.statuses()[-1], ("Stopped", True))
+
