@@ -14,5 +14,6 @@ setup(
     install_requires=["twisted[tls]", "klein", "treq", "service-identity", "prometheus_client"],
     extras_require={
         "test": ["mypy", "mypy-zope", "ruff", "httpx", "pydantic"],
+        "dev": ["watchfiles"],
     },
 )
