@@ -168,18 +168,28 @@ class Daemon:
             return [json.loads(line) for line in f]
 
     def grandchildren(self) -> list[int]:
-        path = os.path.join(self.state_dir, "grandchildren")
-        if not os.path.exists(path):
-            return []
-        with open(path) as f:
-            return [int(x) for x in f.read().split()]
+        return grandchildren(self.state_dir)
 
     def signals(self) -> list[str]:
-        path = os.path.join(self.state_dir, "signals.log")
-        if not os.path.exists(path):
-            return []
-        with open(path) as f:
-            return [line.split()[1] for line in f if line.strip()]
+        return signals(self.state_dir)
+
+
+def grandchildren(state_dir: str) -> list[int]:
+    """Pids of the fake's grandchildren (knob grandchild=1), in their own sessions."""
+    path = os.path.join(state_dir, "grandchildren")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [int(x) for x in f.read().split()]
+
+
+def signals(state_dir: str) -> list[str]:
+    """The names of the signals the fake received, in order."""
+    path = os.path.join(state_dir, "signals.log")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line.split()[1] for line in f if line.strip()]
 
 
 class Reply:

@@ -26,7 +26,7 @@ from claudesrv.process import spawner
 from claudesrv.runs import Limits, RunManager
 from claudesrv.store import SessionStore
 from claudesrv.workspaces import Workspaces
-from tests.support import FAKE, Daemon, SSEParser, pid_alive, post, sleep, wait_for
+from tests.support import FAKE, Daemon, SSEParser, grandchildren, pid_alive, post, signals, sleep, wait_for
 
 
 class RecordingStream:
@@ -78,16 +78,10 @@ class InProcessRuns(TestCase):
         return run, stream
 
     def signals(self) -> list[str]:
-        path = os.path.join(self.state_dir, "signals.log")
-        if not os.path.exists(path):
-            return []
-        with open(path) as f:
-            return [line.split()[1] for line in f if line.strip()]
+        return signals(self.state_dir)
 
     def grandchildren(self) -> list[int]:
-        path = os.path.join(self.state_dir, "grandchildren")
-        with open(path) as f:
-            return [int(x) for x in f.read().split()]
+        return grandchildren(self.state_dir)
 
     @inlineCallbacks
     def test_escalation_kills_whole_tree(self) -> Any:

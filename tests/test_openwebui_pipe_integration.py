@@ -14,11 +14,7 @@ import json
 import os
 import re
 import socket
-import sys
-import types
-import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine
-from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -26,36 +22,11 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.support import Daemon, pid_alive, wait_for
-
-PIPE_PATH = Path(__file__).resolve().parent.parent / "open-webui" / "claude-code.py"
-
-# Open WebUI 0.12.4 (open_webui/utils/plugin.py) runs str.replace with these before exec.
-OPEN_WEBUI_REWRITES = {
-    "from utils": "from open_webui.utils",
-    "from apps": "from open_webui.apps",
-    "from main": "from open_webui.main",
-    "from config": "from open_webui.config",
-}
+from tests.test_openwebui_pipe_units import load_pipe_module
 
 MARKER = re.compile(r"\nsession_id=([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\Z")
 FAKE_TEXT = "MOCK-REPLY: hello"  # the assistant text of recording a_hello, whatever the prompt
 UNKNOWN_SESSION = "0b9e7c1a-6f2d-4c3b-9a8e-1d2c3b4a5f60"
-
-
-def load_pipe_module() -> Any:
-    """Execute the pipe file in a fresh module namespace, as Open WebUI's loader does."""
-    text = PIPE_PATH.read_text(encoding="utf-8")
-    for old, new in OPEN_WEBUI_REWRITES.items():
-        text = text.replace(old, new)
-    name = f"function_claude_code_{uuid.uuid4().hex}"
-    module = types.ModuleType(name)
-    module.__dict__["__file__"] = str(PIPE_PATH)
-    sys.modules[name] = module
-    try:
-        exec(compile(text, str(PIPE_PATH), "exec"), module.__dict__)
-    finally:
-        del sys.modules[name]
-    return module
 
 
 pipe_module = load_pipe_module()
