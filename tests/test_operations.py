@@ -120,7 +120,7 @@ class Expiry(TestCase):
         self.workspaces = Workspaces(os.path.join(base, "Workspace"))
         env = dict(os.environ, FAKE_STATE_DIR=base)
         self.runs = RunManager(self.clock, spawner(reactor), self.store, self.workspaces,  # type: ignore[arg-type]
-                               lambda: FAKE, env, Limits())
+                               lambda: FAKE, env, Limits(run_timeout=0, idle_timeout=0))
         self.sessions = Sessions(self.store, self.workspaces, self.runs, {})
 
     def tearDown(self) -> None:
