@@ -9,13 +9,17 @@ arrives, so a 64 MiB line costs the server no more memory than a short one.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import signal
+import subprocess
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet import process
 from twisted.internet.interfaces import IReactorProcess
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,6 +27,8 @@ from twisted.python.failure import Failure
 log = Logger()
 
 STDERR_KEEP = 4096
+READ_SIZE = 1 << 16  # Twisted's ProcessReader reads 8 KiB a call
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 class LineSink(Protocol):
@@ -104,11 +110,14 @@ class ClaudeProcess(ProcessProtocol):
         self.sink = sink
         self.splitter = LineSplitter(sink, max_line)
         self.stdin = stdin
+        self.stdin_in_pipe = False
         self.stderr = bytearray()
         self.ended = False
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        if self.stdin_in_pipe:
+            return
         if self.stdin:
             self.transport.write(self.stdin)
         self.transport.closeStdin()
@@ -155,11 +164,58 @@ class ClaudeProcess(ProcessProtocol):
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
 
+# the signals a shell or nohup may leave ignored (subprocess itself restores SIGPIPE and SIGXFSZ)
+_WATCHED_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2,
+                    signal.SIGALRM, signal.SIGCHLD, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+def _ignored_signals() -> list[int]:
+    """Signals this process ignores and subprocess would leave ignored in the child."""
+    return [s for s in _WATCHED_SIGNALS if signal.getsignal(s) == signal.SIG_IGN]
+
+
+class _LargeReader(process.ProcessReader):
+    """Reads the CLI's stdout and stderr C{READ_SIZE} bytes at a time."""
+
+    def doRead(self) -> Any:
+        try:
+            output = os.read(self.fd, READ_SIZE)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EINTR):
+                return None
+            return CONNECTION_LOST
+        if not output:
+            return CONNECTION_DONE
+        self.dataReceived(output)
+        return None
+
+
 class _SessionLeaderProcess(process.Process):
     """
-    A child that calls setsid() before exec: the CLI leads its own process group (so one killpg
-    reaches it and its children) and does not share the daemon's terminal signals.
+    The CLI as the leader of a new session (setsid): one killpg reaches it and its children, and it does
+    not share the daemon's terminal signals.
+
+    Started with C{subprocess.Popen}: vfork() and exec in C, with the cwd, setsid and the closing of every
+    other descriptor done there. Twisted's own path fork()s the whole daemon and runs Python in the
+    child before exec, which costs the daemon milliseconds per run in page copies; it is kept for a
+    daemon that ignores signals (see L{_ignored_signals}).
     """
+
+    processReaderFactory = _LargeReader
+    _popen: subprocess.Popen[bytes] | None = None
+
+    def _fork(self, path: str | None, uid: int | None, gid: int | None, executable: str, args: list[str],
+              environment: dict[str, str], **kwargs: Any) -> None:
+        if _ignored_signals():
+            # an ignored signal stays ignored across exec, and only Twisted's path resets it: the CLI must
+            # see SIGINT (a daemon started with `nohup ... &` ignores SIGINT and SIGHUP)
+            super()._fork(path, uid, gid, executable, args, environment, **kwargs)
+            return
+        fdmap: dict[int, int] = kwargs["fdmap"]
+        self._popen = subprocess.Popen(args, executable=executable, env=environment, cwd=path,
+                                       stdin=fdmap[0], stdout=fdmap[1], stderr=fdmap[2],
+                                       close_fds=True, start_new_session=True)
+        self.pid = self._popen.pid  # type: ignore[assignment]
 
     def _trySpawnInsteadOfFork(self, *args: object) -> bool:
         return False
@@ -169,48 +225,73 @@ class _SessionLeaderProcess(process.Process):
         os.setsid()
         super()._execChild(path, uid, gid, executable, args, environment)
 
+    def processEnded(self, status: int) -> None:
+        if self._popen is not None:  # Twisted reaped it: subprocess must never wait for it
+            self._popen.returncode = status
+            self._popen = None
+        super().processEnded(status)
+
 
 Spawner = Callable[[ClaudeProcess, list[str], dict[str, str], str], None]
 
 
+def _stdin_pipe(data: bytes) -> int | None:
+    """A pipe already holding C{data}, its write end closed: the read end, or None if it cannot hold it."""
+    r, w = os.pipe()
+    try:
+        if len(data) > 65536:
+            fcntl.fcntl(w, F_SETPIPE_SZ, len(data))
+        os.set_blocking(w, False)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(w, view):]
+    except OSError:
+        os.close(r)
+        return None
+    finally:
+        os.close(w)
+    return r
+
+
 def spawner(reactor: IReactorProcess) -> Spawner:
-    """A function that starts the CLI as a session leader with the given argv, env and cwd."""
+    """
+    A function that starts the CLI as a session leader with the given argv, env and cwd. The prompt is
+    put in the CLI's stdin pipe before the CLI starts, so its stdin ends at once, without waiting for
+    the reactor to flush and close it (a burst of requests would otherwise hold every CLI back).
+    """
 
     def spawn(protocol: ClaudeProcess, argv: list[str], env: dict[str, str], cwd: str) -> None:
-        _SessionLeaderProcess(reactor, argv[0], argv, env, cwd, protocol)
+        stdin = _stdin_pipe(protocol.stdin)
+        if stdin is None:  # larger than a pipe may be: written by the reactor
+            _SessionLeaderProcess(reactor, argv[0], argv, env, cwd, protocol)
+            return
+        protocol.stdin, protocol.stdin_in_pipe = b"", True
+        try:
+            _SessionLeaderProcess(reactor, argv[0], argv, env, cwd, protocol, childFDs={0: stdin, 1: "r", 2: "r"})
+        finally:
+            os.close(stdin)
 
     return spawn
 
 
-def pids_with_marker(marker: bytes) -> list[int]:
+def kill_marked(markers: list[bytes]) -> None:
     """
-    Every process whose environment holds C{marker} (``NAME=value``). A run's children inherit it,
-    so this finds the CLI's tool processes even after they moved to sessions of their own and were
-    re-parented.
+    SIGKILL every process whose environment holds one of C{markers} (``NAME=value``). A run's children
+    inherit its marker, so this finds the CLI's tool processes even after they moved to sessions of their
+    own and were re-parented. One pass over /proc serves every marker.
     """
-    found = []
-    needle = b"\0" + marker + b"\0"
+    needles = [b"\0" + m + b"\0" for m in markers]
     me = os.getpid()
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == me:
             continue
         try:
             with open(f"/proc/{name}/environ", "rb") as f:
-                environ = b"\0" + f.read()
+                environ = b"\0" + f.read() + b"\0"
         except OSError:
             continue
-        if needle in environ or environ.endswith(b"\0" + marker):
-            found.append(int(name))
-    return found
-
-
-def kill_marked(marker: bytes) -> list[int]:
-    """SIGKILL every process that carries C{marker}; the pids it signalled."""
-    killed = []
-    for pid in pids_with_marker(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-        except OSError:
-            pass
-    return killed
+        if any(n in environ for n in needles):
+            try:
+                os.kill(int(name), signal.SIGKILL)
+            except OSError:
+                pass

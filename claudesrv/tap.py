@@ -183,6 +183,17 @@ class ClaudeService(service.Service):
         self.store.close()
 
 
+def with_backlog(description: str, requests: int) -> str:
+    """
+    A TCP or TLS listener gets a listen queue as long as the requests it may hold (Twisted's default is
+    50: a burst beyond that loses SYNs, and the kernel retries them only after a second).
+    """
+    kind = description.split(":", 1)[0].lower()
+    if kind not in ("tcp", "tcp6", "ssl") or "backlog=" in description:
+        return description
+    return f"{description}:backlog={max(50, min(requests, 4096))}"
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     reactor = reactor or global_reactor
     data_dir = os.path.abspath(options["data-dir"])
@@ -220,9 +231,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         expiry.clock = reactor
         expiry.setServiceParent(top)
     guard = Guard(api.resource(), policy, reactor, http_metrics)
-    site = Site(guard, requestFactory=request_factory(options["max-body"]))
+    # the API takes JSON only: no form parsing (Twisted parses each POST's Content-Type with the email package)
+    site = Site(guard, requestFactory=request_factory(options["max-body"]), parsePOSTFormSubmission=False)
     site.protocol = LimitedChannel  # type: ignore[method-assign, assignment]
     site.displayTracebacks = False
     for description in options["listen"]:
-        strports.service(description, site).setServiceParent(top)
+        strports.service(with_backlog(description, options["max-runs"] + options["max-queue"]),
+                         site).setServiceParent(top)
     return top

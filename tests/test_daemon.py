@@ -15,7 +15,7 @@ from twisted.internet import utils
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from tests.support import Daemon, pid_alive, post
+from tests.support import Daemon, pid_alive, post, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -173,8 +173,8 @@ class CoreTests(TestCase):
         self.assertEqual(result["subtype"], "error_during_execution")
         self.assertEqual(result["exit_code"], 3)
         self.assertIn("boom went the cli", result["stderr"])
+        yield wait_for(lambda: self.daemon.workspaces() == [])
         self.assertEqual(self.daemon.rows(), [])
-        self.assertEqual(self.daemon.workspaces(), [])
 
         reply = yield self.claude(prompt="[[fake crash=1]]")
         [result] = reply.sse.results()
