@@ -89,7 +89,7 @@ def _cursor(request: IRequest) -> int:
         return 0
     try:
         text = base64.urlsafe_b64decode(raw).decode()
-        if text.startswith("o") and text[1:].isdigit():
+        if text.startswith("o") and text[1:].isdigit() and int(text[1:]) < 1 << 31:
             return int(text[1:])
     except (ValueError, UnicodeDecodeError):
         pass

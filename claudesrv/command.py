@@ -82,6 +82,8 @@ def parse_request(raw: bytes, max_prompt: int) -> ClaudeRequest:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the body nests too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
     unknown = sorted(set(body) - set(FIELDS))
@@ -141,11 +143,13 @@ def build_argv(executable: str, request: ClaudeRequest, deny_tools: Sequence[str
 
 def build_env(base: Mapping[str, str], run_id: str, sandboxed: bool = False) -> dict[str, str]:
     """
-    The CLI's environment: the daemon's own (spawnProcess would otherwise give it none), a marker
+    The CLI's environment: the daemon's own (spawnProcess would otherwise give it none) less the API
+    tokens, a marker
     that every descendant inherits so the run's processes can be found even after they leave the
     process group, and ``IS_SANDBOX=1`` only when the operator said the host is a sandbox.
     """
     env = dict(base)
+    env.pop("CLAUDESRV_AUTH_TOKENS", None)  # the CLI's tools must not see the clients' tokens
     env["CLAUDESRV_RUN_ID"] = run_id
     env.pop("IS_SANDBOX", None)
     if sandboxed:

@@ -29,6 +29,7 @@ log = Logger()
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]"}
 OPEN_PATHS = {b"/healthz"}
 AUTH_FAILURES_PER_MINUTE = 10
+MAX_TRACKED_PEERS = 10000
 
 
 def read_token_file(path: str) -> list[str]:
@@ -127,26 +128,36 @@ class Guard(Resource):
         return None
 
     def _authenticate(self, request: IRequest) -> bytes | None:
-        peer = getattr(request.getClientAddress(), "host", "?")
-        now = self.clock.seconds()
-        recent = self.failures.get(peer)
-        if recent is not None:
-            while recent and recent[0] < now - 60:
-                recent.popleft()
-            if not recent:
-                del self.failures[peer]
-                recent = None
-        if recent is not None and len(recent) >= AUTH_FAILURES_PER_MINUTE:
-            request.setHeader(b"Retry-After", b"60")
-            return _refuse(request, 429, "too_many_auth_failures", "too many failed authentications; wait a minute")
+        """
+        A valid token always passes. Failures are counted per address: past 10 in a minute, further
+        attempts without a valid token get 429, so guessing is slow while real clients are not locked out.
+        """
         header = (request.getHeader(b"authorization") or b"").decode("latin-1")
         scheme, _, presented = header.partition(" ")
         if scheme.lower() == "bearer" and _token_matches(presented.strip(), self.policy.tokens):
             return None
-        self.failures.setdefault(peer, deque()).append(now)
+        peer = getattr(request.getClientAddress(), "host", "?")
+        now = self.clock.seconds()
+        recent = self.failures.get(peer)
+        if recent is None:
+            if len(self.failures) >= MAX_TRACKED_PEERS:
+                self._forget_old(now)
+            recent = self.failures[peer] = deque()
+        while recent and recent[0] < now - 60:
+            recent.popleft()
+        if len(recent) >= AUTH_FAILURES_PER_MINUTE:
+            request.setHeader(b"Retry-After", b"60")
+            return _refuse(request, 429, "too_many_auth_failures", "too many failed authentications; wait a minute")
+        recent.append(now)
         log.info("authentication failed from {peer}", peer=peer)
         request.setHeader(b"WWW-Authenticate", b'Bearer realm="claudesrv"')
         return _refuse(request, 401, "unauthorized", "send Authorization: Bearer <token>")
+
+    def _forget_old(self, now: float) -> None:
+        for peer in [p for p, times in self.failures.items() if not times or times[-1] < now - 60]:
+            del self.failures[peer]
+        while len(self.failures) >= MAX_TRACKED_PEERS:
+            del self.failures[next(iter(self.failures))]
 
 
 def _token_matches(presented: str, tokens: Iterable[str]) -> bool:

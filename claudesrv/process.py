@@ -38,6 +38,9 @@ class LineSink(Protocol):
     def line_piece(self, piece: bytes, first: bool, last: bool) -> None:
         """A piece of one long line, without its newline; C{last} once the newline has been seen."""
 
+    def process_exited(self) -> None:
+        """The CLI itself has exited; its output may still be in the pipe."""
+
     def process_ended(self, exit_code: int | None, signal_number: int | None, stderr: bytes) -> None:
         """The CLI has exited and its stdout is fully delivered."""
 
@@ -113,9 +116,11 @@ class ClaudeProcess(ProcessProtocol):
         self.stdin_in_pipe = False
         self.stderr = bytearray()
         self.ended = False
+        self.pgid: int | None = None
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        self.pgid = self.transport.pid  # the CLI leads its own group; kept after the CLI is reaped
         if self.stdin_in_pipe:
             return
         if self.stdin:
@@ -131,6 +136,9 @@ class ClaudeProcess(ProcessProtocol):
         if len(self.stderr) > 2 * STDERR_KEEP:
             del self.stderr[:-STDERR_KEEP]
 
+    def processExited(self, reason: Failure) -> None:
+        self.sink.process_exited()
+
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
         self.splitter.flush()
@@ -144,16 +152,15 @@ class ClaudeProcess(ProcessProtocol):
         return getattr(self.transport, "pid", None)
 
     def signal_group(self, signal_number: int) -> None:
-        """Signal the CLI's process group (the CLI leads it, see L{spawn})."""
-        pid = self.pid
-        if pid is None or self.ended:
+        """Signal the CLI's process group (the CLI leads it), also after the CLI itself has exited."""
+        if self.pgid is None or self.ended:
             return
         try:
-            os.killpg(pid, signal_number)
+            os.killpg(self.pgid, signal_number)
         except ProcessLookupError:
             pass
         except PermissionError:
-            log.warn("no permission to signal process group {pid}", pid=pid)
+            log.warn("no permission to signal process group {pgid}", pgid=self.pgid)
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.ended:

@@ -136,6 +136,10 @@ class Run:
         self._long_tail = b""
         self._long_result = False
         self._timers: dict[str, IDelayedCall] = {}
+        self._paused_since = 0.0
+        self._swept: Deferred[None] | None = None
+        self.previous: Run | None = None
+        self.marker = b"CLAUDESRV_RUN_ID=" + self.run_id.encode()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -164,9 +168,12 @@ class Run:
         self.process = ClaudeProcess(self, self.request.prompt.encode("utf-8"), limits.max_line)
         try:
             self.manager.spawn(self.process, argv, env, self.workspace)
-        except OSError as e:
+        except Exception as e:
             self.process = None
-            self._fail_before_spawn(f"could not start the Claude CLI {argv[0]!r}: {e.strerror}")
+            if not isinstance(e, OSError):
+                log.failure("run {run_id}: spawning the CLI failed", run_id=self.run_id)
+            reason = e.strerror if isinstance(e, OSError) else type(e).__name__
+            self._fail_before_spawn(f"could not start the Claude CLI {argv[0]!r}: {reason}")
             return
         if self._stream_open:
             self.stream.registerProducer(self, True)
@@ -196,7 +203,7 @@ class Run:
         assert self.process is not None
         self.process.signal_group(signal.SIGINT)
         grace = self.manager.limits.kill_grace
-        self._schedule("sigterm", grace, self._terminate)
+        self._schedule("sigterm", grace, self._terminate, always=True)
         self._schedule("sigkill", grace + TERM_GRACE, self._kill)
 
     def _terminate(self) -> None:
@@ -207,7 +214,7 @@ class Run:
         if self.process is None or self.process.ended:
             return
         self.process.signal_group(signal.SIGKILL)
-        kill_marked([b"CLAUDESRV_RUN_ID=" + self.run_id.encode()])
+        self.manager.sweep(self.marker)
         # a killed child whose stdout we had paused must still be read to its end
         self.process.resume_reading()
 
@@ -223,8 +230,8 @@ class Run:
 
     # ---------------------------------------------------------------- timers
 
-    def _schedule(self, name: str, delay: float, fn: Callable[[], object]) -> None:
-        if delay > 0:
+    def _schedule(self, name: str, delay: float, fn: Callable[[], object], always: bool = False) -> None:
+        if delay > 0 or always:
             self._timers[name] = self.clock.callLater(delay, self._fire, name, fn)
 
     def _fire(self, name: str, fn: Callable[[], object]) -> None:
@@ -248,11 +255,15 @@ class Run:
         self._schedule("keepalive", interval - silent, self._keepalive)
 
     def _idle_check(self) -> None:
+        """No stdout for the idle limit ends the run; so does a client that stopped reading that long."""
         limit = self.manager.limits.idle_timeout
-        if self._client_paused:
-            self.last_stdout = self.clock.seconds()
-        quiet = self.clock.seconds() - self.last_stdout
-        if quiet >= limit:
+        since = self._paused_since if self._client_paused else self.last_stdout
+        quiet = self.clock.seconds() - since
+        if quiet >= limit and self._client_paused:
+            # the client will not read a result either: end its stream now and drop the rest of the output
+            self.interrupt("timeout", "client_stalled")
+            self._end_stream_with_error("the client read nothing for the idle limit", "timeout")
+        elif quiet >= limit:
             self.interrupt("timeout", "idle")
         else:
             self._schedule("idle", limit - quiet, self._idle_check)
@@ -260,11 +271,15 @@ class Run:
     # ---------------------------------------------------------------- IPushProducer (the HTTP side)
 
     def pauseProducing(self) -> None:
+        if not self._client_paused:
+            self._paused_since = self.clock.seconds()
         self._client_paused = True
         if self.process is not None:
             self.process.pause_reading()
 
     def resumeProducing(self) -> None:
+        if self._client_paused:
+            self.last_stdout = self.clock.seconds()  # time spent waiting for the client is not CLI silence
         self._client_paused = False
         if self.process is not None and self._held is None:
             self.process.resume_reading()
@@ -338,10 +353,12 @@ class Run:
         log.failure("run {run_id}: could not record session {sid}", failure, run_id=self.run_id,
                     sid=self.reported_id)
         self.reported_id = None
-        self._held = None
+        held, self._held = self._held or [], None
         self._end_stream_with_error("the server could not record the session in its database", "database_error")
         self.outcome = "error"
         self.interrupt("error")
+        for fn in held:  # the stream is closed: only a held process end still matters
+            fn()
         if self.process is not None:
             self.process.resume_reading()
 
@@ -396,10 +413,21 @@ class Run:
                                         stderr=stderr.decode("utf-8", "replace"))
             if self.outcome == "ok":
                 self.outcome = "error"
-        marker = b"CLAUDESRV_RUN_ID=" + self.run_id.encode()
-        d = self.manager.sweep(marker)
-        d.addErrback(lambda f: log.failure("run {run_id}: sweep failed", f, run_id=self.run_id))
-        d.addBoth(lambda _: self._ended())
+        if self._swept is None:
+            self.process_exited()
+        assert self._swept is not None
+        self._swept.addBoth(lambda _: self._ended())
+
+    def process_exited(self) -> None:
+        """
+        The CLI is gone: kill what it left, its group and the tool processes in sessions of their own.
+        A survivor holding the CLI's stdout would otherwise keep the run (and its slot) open; the output
+        already in the pipe is still read to its end.
+        """
+        if self._swept is not None or self.process is None:
+            return
+        self.process.signal_group(signal.SIGKILL)
+        self._swept = self.manager.sweep(self.marker)
 
     # ---------------------------------------------------------------- the terminal event
 
@@ -497,6 +525,7 @@ class RunManager:
         self.running: dict[str, Run] = {}
         self.queue: deque[Run] = deque()
         self.by_session: dict[str, Run] = {}
+        self.deleting: set[str] = set()
         self.accepting = True
         self._sweep_pending: list[tuple[bytes, Deferred[None]]] = []
         self._sweeping = False
@@ -528,7 +557,7 @@ class RunManager:
         deferToThread(kill_marked, [marker for marker, _ in batch]).addBoth(fire)
 
     def busy(self, session_id: str) -> bool:
-        return session_id in self.by_session
+        return session_id in self.by_session or session_id in self.deleting
 
     def submit(self, request: ClaudeRequest, workspace: str | None, stream: Stream) -> Run:
         """
@@ -540,6 +569,8 @@ class RunManager:
         """
         if not self.accepting:
             raise QueueFull("the server is shutting down")
+        if request.session_id in self.deleting:
+            raise Busy(request.session_id)
         previous = self.by_session.get(request.session_id) if request.session_id else None
         if previous is not None and not previous.result_sent:
             raise Busy(request.session_id)
@@ -550,6 +581,7 @@ class RunManager:
             self.by_session[request.session_id] = run
         run.open()
         if previous is not None:
+            run.previous = previous
             previous.done.addCallback(lambda _: self._admit(run))
         else:
             self._admit(run)
@@ -578,7 +610,10 @@ class RunManager:
         self.running.pop(run.run_id, None)
         for sid in (run.request.session_id, run.reported_id):
             if sid is not None and self.by_session.get(sid) is run:
-                del self.by_session[sid]
+                if run.previous is not None and run.previous.state != "ended":
+                    self.by_session[sid] = run.previous  # a waiting turn gave up: the lock goes back
+                else:
+                    del self.by_session[sid]
         c = self.counters
         c.ended[run.outcome] = c.ended.get(run.outcome, 0) + 1
         if run.exit_code is not None or run.signal is not None:

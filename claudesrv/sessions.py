@@ -10,8 +10,8 @@ import os
 import time
 from typing import Any
 
-from twisted.internet import utils
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -23,6 +23,7 @@ from claudesrv.workspaces import Workspaces
 log = Logger()
 
 VERSION_CHECK_EVERY = 60.0
+VERSION_TIMEOUT = 10.0
 
 
 def transcript_paths(config_dir: str, session_ids: list[str]) -> list[str]:
@@ -45,17 +46,28 @@ class Sessions:
 
     @inlineCallbacks
     def delete(self, group: SessionGroup, purge_transcript: bool = False) -> Any:
-        """Rows first (so the session is gone for every client at once), then the files."""
-        yield self.store.delete_workspace(group.workspace)
-        yield deferToThread(self.workspaces.remove, group.workspace)
-        if purge_transcript:
-            for path in transcript_paths(self.config_dir, group.session_ids):
-                try:
-                    os.remove(path)
-                except OSError as e:
-                    log.warn("could not remove transcript {path}: {error}", path=path, error=e.strerror)
+        """
+        Rows first (so the session is gone for every client at once), then the files. Its ids count as
+        busy meanwhile, so no turn can start in a workspace that is being removed.
+        """
+        ids = set(group.session_ids) - self.runs.deleting
+        self.runs.deleting |= ids
+        try:
+            yield self.store.delete_workspace(group.workspace)
+            yield deferToThread(self.workspaces.remove, group.workspace)
+            if purge_transcript:
+                yield deferToThread(self._purge, group.session_ids)
+        finally:
+            self.runs.deleting -= ids
         log.info("session {session_id} deleted with workspace {workspace}", session_id=group.session_id,
                  workspace=group.workspace)
+
+    def _purge(self, session_ids: list[str]) -> None:
+        for path in transcript_paths(self.config_dir, session_ids):
+            try:
+                os.remove(path)
+            except OSError as e:
+                log.warn("could not remove transcript {path}: {error}", path=path, error=e.strerror)
 
     def expire(self, ttl: float) -> Deferred[int]:
         """Delete the sessions idle for longer than C{ttl} seconds and not running; never fails."""
@@ -90,6 +102,7 @@ class Readiness:
         self.runs = runs
         self.cli = cli
         self._version: tuple[float, dict[str, Any]] | None = None
+        self._waiters: list[Deferred[dict[str, Any]]] = []
 
     @inlineCallbacks
     def check(self) -> Any:
@@ -109,20 +122,61 @@ class Readiness:
         return checks
 
     def _cli(self) -> Deferred[dict[str, Any]]:
+        """The CLI's --version, asked at most once a minute and by one process at a time, killed after 10 s."""
         now = self.runs.clock.seconds()
         if self._version is not None and now - self._version[0] < VERSION_CHECK_EVERY:
             return succeed(self._version[1])
+        waiter: Deferred[dict[str, Any]] = Deferred()
+        self._waiters.append(waiter)
+        if len(self._waiters) == 1:
+            self._probe(now)
+        return waiter
+
+    def _probe(self, now: float) -> None:
+        def answer(check: dict[str, Any]) -> None:
+            self._version = (now, check)
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(check)
+
         path = self.cli.find()
         if path is None:
-            return succeed({"ok": False, "error": f"the Claude CLI {self.cli.name!r} was not found"})
-        d = utils.getProcessOutputAndValue(path, ["--version"], env=self.runs.environ, path=self.workspaces.root)
+            answer({"ok": False, "error": f"the Claude CLI {self.cli.name!r} was not found"})
+            return
+        probe = _VersionProbe()
+        reactor: Any = self.runs.clock
+        try:
+            transport = reactor.spawnProcess(probe, path, [path, "--version"], env=self.runs.environ,
+                                             path=self.workspaces.root, childFDs={0: "w", 1: "r", 2: "r"})
+        except OSError as e:
+            answer({"ok": False, "error": e.strerror})
+            return
+        transport.closeStdin()
+        killer = reactor.callLater(VERSION_TIMEOUT, transport.signalProcess, "KILL")
 
-        def done(result: tuple[bytes, bytes, int]) -> dict[str, Any]:
-            out, err, code = result
-            check = {"ok": code == 0, "version": out.decode(errors="replace").strip()}
+        def ended(code: int | None) -> None:
+            if killer.active():
+                killer.cancel()
+            check: dict[str, Any] = {"ok": code == 0, "version": probe.out.decode(errors="replace").strip()}
             if code != 0:
-                check["error"] = err.decode(errors="replace").strip()[-500:]
-            self._version = (now, check)
-            return check
+                check["error"] = (probe.err.decode(errors="replace").strip()[-500:]
+                                  or f"--version did not answer within {VERSION_TIMEOUT:g} s")
+            answer(check)
 
-        return d.addCallback(done)
+        probe.ended.addCallback(ended)
+
+
+class _VersionProbe(ProcessProtocol):
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.err = bytearray()
+        self.ended: Deferred[int | None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data[:4096]
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data[:4096]
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(getattr(reason.value, "exitCode", None))

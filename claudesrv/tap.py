@@ -156,13 +156,16 @@ class ClaudeService(service.Service):
         if self.cli.find() is None:
             log.warn("the Claude CLI {name!r} was not found; requests get 503 until it is: {hint}",
                      name=self.cli.name, hint=INSTALL_HINT)
-        if self.token_file:
-            signal.signal(signal.SIGHUP, lambda *_: self.runs.clock.callLater(0, self.reload_tokens))
+        reactor: Any = self.runs.clock
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.reload_tokens))
         self.ready = self.store.start()
         self.ready.addErrback(lambda f: log.failure("could not open the session database", f))
 
     def reload_tokens(self) -> None:
         """SIGHUP: read the token file again; on error keep the tokens in force."""
+        if not self.token_file:
+            log.info("SIGHUP: no --auth-token-file to reload")
+            return
         try:
             tokens = load_tokens(self.token_file, os.environ)
         except usage.UsageError as e:
@@ -199,6 +202,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     data_dir = os.path.abspath(options["data-dir"])
     os.makedirs(data_dir, exist_ok=True)
     environ = dict(os.environ)
+    environ.pop("CLAUDESRV_AUTH_TOKENS", None)  # read already; no child process gets the clients' tokens
     store = SessionStore(os.path.join(data_dir, "sessions.db"))
     workspaces = Workspaces(os.path.join(data_dir, "Workspace"))
     cli = ClaudeExecutable(options["claude"], environ)

@@ -142,6 +142,91 @@ class InProcessRuns(TestCase):
         self.assertEqual(stream.sse.events()[0]["fake"]["prompt"], prompt)
 
     @inlineCallbacks
+    def test_survivors_holding_stdout_are_killed(self) -> Any:
+        """Processes the CLI leaves behind holding its stdout (in its group, or in a session of their own)
+        are killed when the CLI exits, so the run ends and frees its slot."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        pids = os.path.join(base, "pids")
+        script = os.path.join(base, "cli.sh")
+        with open(script, "w") as f:
+            f.write("#!/bin/sh\n"
+                    "echo '{\"type\":\"system\",\"subtype\":\"init\",\"session_id\":\"s-'$$'\"}'\n"
+                    "sleep 1000 &\necho $! >> " + pids + "\n"
+                    "setsid sleep 1000 &\necho $! >> " + pids + "\n"
+                    "echo '{\"type\":\"result\",\"is_error\":false}'\n")
+        os.chmod(script, 0o755)
+        self.runs.executable = lambda: script
+        run, stream = self.submit("hi")
+        yield run.done
+        with open(pids) as f:
+            survivors = [int(p) for p in f.read().split()]
+        self.assertEqual(len(survivors), 2)
+        yield wait_for(lambda: not any(pid_alive(p) for p in survivors))
+        self.assertEqual(len(stream.sse.results()), 1)
+        self.assertEqual(self.runs.running, {})
+
+    @inlineCallbacks
+    def test_session_id_only_after_commit_and_failed_commit(self) -> Any:
+        """No frame leaves before the session's row is committed; if the commit fails the stream ends with
+        one error result without the id, and the run still ends even though the CLI exited meanwhile."""
+        held: Deferred[None] = Deferred()
+        self.patch(self.store, "record", lambda sid, workspace: held)
+        run, stream = self.submit("[[fake lines=3]]")
+        pid = run.process.pid
+        yield wait_for(lambda: not pid_alive(pid))
+        yield sleep(0.2)
+        self.assertEqual(stream.sse.frames, [])
+        held.errback(RuntimeError("database is locked"))
+        yield run.done
+        [result] = stream.sse.results()
+        self.assertEqual(len(stream.sse.frames), 1)
+        self.assertEqual(result["terminal_reason"], "database_error")
+        self.assertIsNone(result["session_id"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.runs.running, {})
+
+    @inlineCallbacks
+    def test_waiting_turn_that_gives_up_returns_the_lock(self) -> Any:
+        """A turn waiting for the previous CLI to exit, then cancelled, hands the session lock back to
+        that still-running CLI instead of freeing the session."""
+        first, stream = self.submit("[[fake result_then_linger_ms=1500]]")
+        yield first.response
+        sid = first.reported_id
+        second = self.runs.submit(ClaudeRequest("next", sid), first.workspace, RecordingStream())
+        self.assertEqual(second.state, "queued")
+        second.interrupt("cancelled")
+        yield second.done
+        self.assertIs(self.runs.by_session[sid], first)
+        self.assertTrue(self.runs.busy(sid))
+        yield first.done
+        self.assertFalse(self.runs.busy(sid))
+
+    @inlineCallbacks
+    def test_stalled_client_ends_run(self) -> Any:
+        """A client that stops reading for the idle limit ends the run (it would hold a slot forever)."""
+        self.limits.idle_timeout = 10
+        run, stream = self.submit("[[fake lines=1 hang=1]]")
+        yield wait_for(lambda: stream.producer is not None and stream.sse.frames)
+        stream.producer.pauseProducing()
+        self.clock.advance(10)
+        yield run.done
+        [result] = stream.sse.results()
+        self.assertEqual((result["terminal_reason"], result["timeout"]), ("timeout", "client_stalled"))
+
+    @inlineCallbacks
+    def test_zero_grace_still_sends_sigterm(self) -> Any:
+        """With --kill-grace 0, SIGTERM follows SIGINT at once, before SIGKILL."""
+        self.limits.kill_grace = 0
+        run, stream = self.submit("[[fake hang=1 ignore_signals=1]]")
+        yield wait_for(lambda: stream.sse.frames)
+        run.interrupt("cancelled")
+        self.clock.advance(0)
+        yield wait_for(lambda: self.signals() == ["SIGINT", "SIGTERM"])
+        self.clock.advance(2)
+        yield run.done
+
+    @inlineCallbacks
     def test_run_timeout(self) -> Any:
         """--run-timeout interrupts the run; its result says the run limit ended it."""
         self.limits.run_timeout = 30

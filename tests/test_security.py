@@ -5,6 +5,7 @@ leaves nothing behind; the daemon is closed by default and opens only on purpose
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import os
@@ -51,6 +52,7 @@ BAD_REQUESTS: list[tuple[str, bytes, str, dict[str, str], bytes, int, str]] = [
     ("DELETE claude", b"DELETE", "/api/claude", AUTH, b"", 405, "method_not_allowed"),
     ("no route", b"POST", "/api/nope", {**AUTH, **JSON}, j(prompt="x"), 404, "not_found"),
     ("broken json", b"POST", "/api/claude", {**AUTH, **JSON}, b"{nope", 400, "invalid_json"),
+    ("deep nesting", b"POST", "/api/claude", {**AUTH, **JSON}, b"[" * 3000, 400, "invalid_json"),
     ("not utf-8", b"POST", "/api/claude", {**AUTH, **JSON}, b'{"prompt":"\xff"}', 400, "invalid_json"),
     ("array body", b"POST", "/api/claude", {**AUTH, **JSON}, b"[]", 400, "invalid_json"),
     ("string body", b"POST", "/api/claude", {**AUTH, **JSON}, b'"hi"', 400, "invalid_json"),
@@ -104,6 +106,8 @@ BAD_REQUESTS: list[tuple[str, bytes, str, dict[str, str], bytes, int, str]] = [
     ("limit zero", b"GET", "/api/sessions?limit=0", AUTH, b"", 400, "invalid_query"),
     ("limit huge", b"GET", "/api/sessions?limit=501", AUTH, b"", 400, "invalid_query"),
     ("bad cursor", b"GET", "/api/sessions?cursor=zzz", AUTH, b"", 400, "invalid_query"),
+    ("huge cursor", b"GET", "/api/sessions?cursor=" + base64.urlsafe_b64encode(b"o" + b"9" * 20).decode(), AUTH,
+     b"", 400, "invalid_query"),
     ("get unknown", b"GET", f"/api/sessions/{UUID}", AUTH, b"", 404, "session_not_found"),
     ("delete unknown", b"DELETE", f"/api/sessions/{UUID}", AUTH, b"", 404, "session_not_found"),
     ("preflight foreign origin", b"OPTIONS", "/api/claude",
@@ -141,6 +145,9 @@ class BadRequestTable(TestCase):
         self.assertEqual(len(daemon.rows()), 1)
         self.assertEqual(len(daemon.workspaces()), 1)
         self.assertNotIn(TOKEN, daemon.log)
+        env = daemon.invocations()[0]["env"]
+        self.assertIn("CLAUDESRV_RUN_ID", env)
+        self.assertNotIn("CLAUDESRV_AUTH_TOKENS", env, "the CLI and its tools must not see the API tokens")
 
 
 class ListeningPolicy(TestCase):
@@ -206,15 +213,18 @@ class Tokens(TestCase):
 
     @inlineCallbacks
     def test_repeated_failures_throttled(self) -> Any:
-        """After 10 failed authentications in a minute from one address, that address gets 429."""
+        """After 10 failed authentications in a minute from one address, its further failures get 429,
+        while a valid token still works."""
         daemon = yield Daemon(self, env={"CLAUDESRV_AUTH_TOKENS": TOKEN}).start()
         for _ in range(10):
             reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Authorization": "Bearer x"})
             self.assertEqual(reply.status, 401)
-        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers=AUTH)
+        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Authorization": "Bearer y"})
         self.assertEqual(reply.status, 429)
         self.assertEqual(reply.json()["error"]["code"], "too_many_auth_failures")
         self.assertEqual(reply.header("Retry-After"), "60")
+        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers=AUTH)
+        self.assertEqual(reply.status, 200)
 
 
 class HostsAndOrigins(TestCase):
