@@ -11,7 +11,8 @@ setup(
     # twisted/ and twisted/plugins/ have no __init__.py on purpose: Twisted owns those packages.
     packages=["claudesrv", "twisted.plugins"],
     package_dir={"": "."},
-    install_requires=["twisted[tls]", "klein", "treq", "service-identity", "prometheus_client"],
+    # process.py extends twisted.internet.process internals, checked on 26.10
+    install_requires=["twisted[tls]>=26.10,<27", "klein", "treq", "service-identity", "prometheus_client"],
     extras_require={
         "test": ["mypy", "mypy-zope", "ruff", "httpx", "pydantic"],
         "dev": ["watchfiles"],

@@ -403,7 +403,7 @@ class DaemonLifecycle(TestCase):
         self.assertEqual(full.json()["error"]["code"], "server_busy")
         self.assertEqual(len(daemon.invocations()), 1)
         waiting.transport.abortConnection()
-        yield sleep(0.2)
+        yield wait_for(lambda: "interrupted: disconnected" in daemon.log)
         queued = post(daemon.url + "/api/claude", {"prompt": "queued again"})
         yield sleep(0.2)
         self.assertEqual(len(daemon.invocations()), 1)
