@@ -71,6 +71,8 @@ class Options(usage.Options):
         ["kill-grace", None, 5.0, "Seconds between SIGINT and SIGTERM when a run is stopped; "
                                   "SIGKILL follows 2 s later.", _seconds],
         ["max-prompt", None, 1 << 20, "Largest prompt in bytes.", _positive],
+        ["http-timeout", None, 60.0, "Seconds an HTTP connection may sit idle or send its request slowly "
+                                     "before it is closed (open streams are not cut).", _seconds],
         ["max-body", None, 2 << 20, "Largest request body in bytes (413 beyond).", _positive],
         ["auth-token-file", None, None, "File of bearer tokens, one a line (re-read on SIGHUP). Tokens can "
                                         "also come from the CLAUDESRV_AUTH_TOKENS environment variable "
@@ -236,7 +238,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         expiry.setServiceParent(top)
     guard = Guard(api.resource(), policy, reactor, http_metrics)
     # the API takes JSON only: no form parsing (Twisted parses each POST's Content-Type with the email package)
-    site = Site(guard, requestFactory=request_factory(options["max-body"]), parsePOSTFormSubmission=False)
+    site = Site(guard, requestFactory=request_factory(options["max-body"]), parsePOSTFormSubmission=False,
+                timeout=options["http-timeout"] or None)
     site.protocol = LimitedChannel  # type: ignore[method-assign, assignment]
     site.displayTracebacks = False
     for description in options["listen"]:

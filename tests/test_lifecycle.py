@@ -290,6 +290,10 @@ class RawClient(Protocol):
     def __init__(self) -> None:
         self.data = bytearray()
         self.got_data: Deferred[None] = Deferred()
+        self.closed = False
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed = True
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data

@@ -16,10 +16,12 @@ from typing import Any
 import treq
 from twisted.internet import reactor, ssl, utils
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseNeverReceived
 
 from tests.support import TWISTD, Daemon, SSEParser, post, wait_for
+from tests.test_lifecycle import RawClient
 
 UUID = "6a1c5e0e-3b8c-4a57-9d7e-6ad0a39b8c11"
 TOKEN = "s3cret-token-value"
@@ -225,6 +227,20 @@ class Tokens(TestCase):
         self.assertEqual(reply.header("Retry-After"), "60")
         reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers=AUTH)
         self.assertEqual(reply.status, 200)
+
+
+class SlowClients(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_slow_request_timed_out(self) -> Any:
+        """A connection that sends half a request and then nothing is closed after --http-timeout."""
+        daemon = yield Daemon(self, "--http-timeout", "1").start()
+        client = RawClient()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.port), client)
+        client.transport.write(b"POST /api/claude HTTP/1.1\r\nHost: localhost\r\n")
+        yield wait_for(lambda: client.closed, timeout=5)
+        self.assertIn("Timing out client", daemon.log)
 
 
 class HostsAndOrigins(TestCase):
