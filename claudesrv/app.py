@@ -96,10 +96,15 @@ def _cursor(request: IRequest) -> int:
     raise ApiError(400, "invalid_query", "cursor is not one this server gave out", "cursor")
 
 
-def error_body(request: IRequest, status: int, code: str, message: str, **extra: Any) -> bytes:
-    error: dict[str, Any] = {"code": code, "message": message}
-    error.update(extra)
-    return json_body(request, status, {"error": error})
+def error_body(request: IRequest, error: ApiError) -> bytes:
+    """The JSON answer to a refused request, logged without its body."""
+    log.info("{method} {path}: {status} {code}", method=request.method.decode("latin-1"),
+             path=request.path.decode("latin-1"), status=error.status, code=error.code)
+    return json_body(request, error.status, error.as_json())
+
+
+def unknown_session(session_id: str, field: str | None = None) -> ApiError:
+    return ApiError(404, "session_not_found", f"no session {session_id} on this server", field)
 
 
 class ClaudeAPI:
@@ -108,13 +113,13 @@ class ClaudeAPI:
     app = Klein()
 
     def __init__(self, runs: RunManager, store: SessionStore, workspaces: Workspaces,
-                 cli: ClaudeExecutable, max_prompt: int = 1 << 20, skip_permissions: str = "allow",
-                 as_root: bool = False, sandboxed: bool = False, sessions: Sessions | None = None,
-                 readiness: Readiness | None = None, registry: CollectorRegistry | None = None) -> None:
+                 cli: ClaudeExecutable, sessions: Sessions, readiness: Readiness, registry: CollectorRegistry,
+                 max_prompt: int = 1 << 20, skip_permissions: str = "allow", as_root: bool = False,
+                 sandboxed: bool = False) -> None:
         self.runs = runs
-        self.sessions = sessions or Sessions(store, workspaces, runs, {})
-        self.readiness = readiness or Readiness(store, workspaces, runs, cli)
-        self.registry = registry or CollectorRegistry()
+        self.sessions = sessions
+        self.readiness = readiness
+        self.registry = registry
         self.skip_permissions = skip_permissions
         self.as_root = as_root
         self.sandboxed = sandboxed
@@ -156,7 +161,7 @@ class ClaudeAPI:
 
     def _resume(self, stored: str | None, request: IRequest, turn: ClaudeRequest) -> Any:
         if stored is None:
-            raise ApiError(404, "session_not_found", f"no session {turn.session_id} on this server", "session_id")
+            raise unknown_session(turn.session_id or "", "session_id")
         try:
             workspace = self.workspaces.resolve(stored)
         except WorkspaceError as e:
@@ -178,18 +183,13 @@ class ClaudeAPI:
     @app.route("/api/sessions/<session_id>/cancel", methods=["POST"])
     def cancel(self, request: IRequest, session_id: str) -> Any:
         """Interrupt the running turn of a session (SIGINT first, as a client disconnect does)."""
-        if not is_canonical_uuid(session_id):
-            raise ApiError(404, "session_not_found", f"no session {session_id} on this server")
         if self.runs.cancel(session_id):
             return json_body(request, 202, {"session_id": session_id, "status": "cancelling"})
-        d: Deferred[Any] = self.store.lookup(session_id)
 
-        def answer(stored: str | None) -> bytes:
-            if stored is None:
-                raise ApiError(404, "session_not_found", f"no session {session_id} on this server")
+        def not_running(_: SessionGroup) -> bytes:
             raise ApiError(409, "not_running", "this session has no running turn")
 
-        return d.addCallback(answer)
+        return self._group(session_id).addCallback(not_running)
 
     @app.route("/api/sessions", methods=["GET"])
     def list_sessions(self, request: IRequest) -> Any:
@@ -216,7 +216,7 @@ class ClaudeAPI:
         purge = request.args.get(b"purge_transcript", [b"false"])[0].lower() in (b"true", b"1", b"yes")
 
         def delete(group: SessionGroup) -> Any:
-            if any(self.runs.busy(sid) for sid in group.session_ids):
+            if self.runs.busy(*group.session_ids):
                 raise ApiError(409, "session_busy", "a turn of this session is running; cancel it first")
             return self.sessions.delete(group, purge).addCallback(lambda _: _no_content(request))
 
@@ -224,12 +224,12 @@ class ClaudeAPI:
 
     def _group(self, session_id: str) -> Deferred[SessionGroup]:
         if not is_canonical_uuid(session_id):
-            raise ApiError(404, "session_not_found", f"no session {session_id} on this server")
+            raise unknown_session(session_id)
         d = self.store.group_of(session_id)
 
         def found(group: SessionGroup | None) -> SessionGroup:
             if group is None:
-                raise ApiError(404, "session_not_found", f"no session {session_id} on this server")
+                raise unknown_session(session_id)
             return group
 
         return d.addCallback(found)
@@ -237,7 +237,7 @@ class ClaudeAPI:
     def _item(self, group: SessionGroup) -> dict[str, Any]:
         return {"session_id": group.session_id, "session_ids": group.session_ids, "workspace": group.workspace,
                 "created_at": group.created_at, "last_used_at": group.last_used_at,
-                "running": any(self.runs.busy(sid) for sid in group.session_ids)}
+                "running": self.runs.busy(*group.session_ids)}
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:
@@ -248,10 +248,12 @@ class ClaudeAPI:
     def readyz(self, request: IRequest) -> Any:
         """Readiness: the CLI answers --version, the database answers, workspaces can be written, and
         there is room for another request."""
-        return self.readiness.check().addCallback(
-            lambda checks: json_body(request, 200 if all(c["ok"] for c in checks.values()) else 503,
-                                     {"status": "ready" if all(c["ok"] for c in checks.values()) else "not_ready",
-                                      "checks": checks}))
+        def answer(checks: dict[str, dict[str, Any]]) -> bytes:
+            ready = all(c["ok"] for c in checks.values())
+            return json_body(request, 200 if ready else 503,
+                             {"status": "ready" if ready else "not_ready", "checks": checks})
+
+        return self.readiness.check().addCallback(answer)
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> bytes:
@@ -266,25 +268,23 @@ class ClaudeAPI:
 
     @app.handle_errors(ApiError)
     def bad_request(self, request: IRequest, failure: Failure) -> bytes:
-        e = failure.value
-        assert isinstance(e, ApiError)
-        log.info("{method} {path}: {status} {code}", method=request.method.decode(),
-                 path=request.path.decode("latin-1"), status=e.status, code=e.code)
-        return json_body(request, e.status, e.as_json())
+        assert isinstance(failure.value, ApiError)
+        return error_body(request, failure.value)
 
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
-        return error_body(request, 404, "not_found", f"no route {request.path.decode('latin-1')}")
+        return error_body(request, ApiError(404, "not_found", f"no route {request.path.decode('latin-1')}"))
 
     @app.handle_errors(MethodNotAllowed)
     def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
         allowed = getattr(failure.value, "valid_methods", None) or []
         if allowed:
             request.setHeader(b"Allow", ", ".join(allowed).encode())
-        return error_body(request, 405, "method_not_allowed",
-                          f"{request.method.decode('latin-1')} is not allowed here; use {', '.join(allowed)}")
+        return error_body(request, ApiError(
+            405, "method_not_allowed",
+            f"{request.method.decode('latin-1')} is not allowed here; use {', '.join(allowed)}"))
 
     @app.handle_errors(Exception)
     def internal_error(self, request: IRequest, failure: Failure) -> bytes:
         log.failure("unhandled error in {path}", failure, path=request.path.decode("latin-1"))
-        return error_body(request, 500, "internal_error", "the server failed; see its log")
+        return error_body(request, ApiError(500, "internal_error", "the server failed; see its log"))

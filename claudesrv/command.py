@@ -99,7 +99,11 @@ def parse_request(raw: bytes, max_prompt: int) -> ClaudeRequest:
         raise _invalid("prompt", "prompt must not be empty or whitespace only")
     if "\0" in prompt:
         raise _invalid("prompt", "prompt must not contain NUL characters")
-    if len(prompt.encode("utf-8", "surrogatepass")) > max_prompt:
+    try:
+        size = len(prompt.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise _invalid("prompt", "prompt must be valid Unicode (no lone surrogates)") from None
+    if size > max_prompt:
         raise ApiError(400, "prompt_too_large", f"prompt is larger than {max_prompt} bytes", "prompt")
     session_id = body.get("session_id")
     if session_id is not None and (not isinstance(session_id, str) or not is_canonical_uuid(session_id)):
@@ -107,10 +111,6 @@ def parse_request(raw: bytes, max_prompt: int) -> ClaudeRequest:
     skip = body.get("dangerously-skip-permissions", False)
     if not isinstance(skip, bool):
         raise _invalid("dangerously-skip-permissions", "dangerously-skip-permissions must be true or false")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _invalid("prompt", "prompt must be valid Unicode (no lone surrogates)") from None
     return ClaudeRequest(
         prompt=prompt,
         session_id=session_id,

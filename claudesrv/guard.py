@@ -22,6 +22,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from claudesrv.app import error_body
+from claudesrv.command import ApiError
 from claudesrv.metrics import HttpMetrics, route_of
 
 log = Logger()
@@ -64,7 +66,6 @@ class Policy:
     loopback_only: bool = True
     allowed_hosts: set[str] = field(default_factory=set)
     cors_origins: set[str] = field(default_factory=set)
-    max_body: int = 2 << 20
 
 
 class Guard(Resource):
@@ -118,8 +119,8 @@ class Guard(Resource):
             refusal = self._authenticate(request)
             if refusal is not None:
                 return refusal
-        if getattr(request, "body_too_large", False):
-            return _refuse(request, 413, "body_too_large", f"the body is larger than {policy.max_body} bytes")
+        if isinstance(request, LimitedRequest) and request.body_too_large:
+            return error_body(request, too_large(request.max_body))
         if request.method == b"POST":
             ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
             if ctype != b"application/json":
@@ -177,11 +178,11 @@ def _host_name(host: bytes) -> str:
 
 
 def _refuse(request: IRequest, status: int, code: str, message: str) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json")
-    log.info("{method} {path}: {status} {code}", method=request.method.decode("latin-1"),
-             path=request.path.decode("latin-1"), status=status, code=code)
-    return json.dumps({"error": {"code": code, "message": message}}).encode() + b"\n"
+    return error_body(request, ApiError(status, code, message))
+
+
+def too_large(max_body: int) -> ApiError:
+    return ApiError(413, "body_too_large", f"the body is larger than {max_body} bytes")
 
 
 class LimitedRequest(Request):
@@ -216,8 +217,7 @@ class LimitedChannel(HTTPChannel):
         max_body = getattr(request, "max_body", None)
         if max_body is not None and self.length is not None and self.length > max_body:
             request.refused_early = True
-            body = json.dumps({"error": {"code": "body_too_large",
-                                         "message": f"the body is larger than {max_body} bytes"}}).encode()
+            body = json.dumps(too_large(max_body).as_json()).encode()
             assert self.transport is not None
             self.transport.write(
                 b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"

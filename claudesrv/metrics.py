@@ -5,11 +5,13 @@ line costs nothing extra; HTTP figures are counted per request.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from claudesrv.openapi import OPENAPI
 from claudesrv.runs import RunManager
 
 OUTCOMES = ("ok", "error", "cancelled", "timeout", "disconnected", "server_shutdown")
@@ -50,14 +52,13 @@ class HttpMetrics:
         self.duration.labels(route).observe(seconds)
 
 
+_ROUTES = [(re.compile("^" + re.sub(r"\\{\w+\\}", "[^/]+", re.escape(p)) + "$"), p) for p in OPENAPI["paths"]]
+
+
 def route_of(path: bytes) -> str:
-    """The route pattern of a path, so labels stay few."""
+    """The documented route pattern of a path (``/api/sessions/{session_id}``), so labels stay few."""
     text = path.decode("latin-1")
-    if text.startswith("/api/sessions/"):
-        return "/api/sessions/{id}/cancel" if text.endswith("/cancel") else "/api/sessions/{id}"
-    if text in ("/api/claude", "/api/sessions", "/healthz", "/readyz", "/metrics", "/openapi.json"):
-        return text
-    return "other"
+    return next((route for pattern, route in _ROUTES if pattern.match(text)), "other")
 
 
 def registry_for(runs: RunManager) -> tuple[CollectorRegistry, HttpMetrics]:

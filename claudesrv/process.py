@@ -113,7 +113,6 @@ class ClaudeProcess(ProcessProtocol):
         self.sink = sink
         self.splitter = LineSplitter(sink, max_line)
         self.stdin = stdin
-        self.stdin_in_pipe = False
         self.stderr = bytearray()
         self.ended = False
         self.pgid: int | None = None
@@ -121,8 +120,6 @@ class ClaudeProcess(ProcessProtocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.pgid = self.transport.pid  # the CLI leads its own group; kept after the CLI is reaped
-        if self.stdin_in_pipe:
-            return
         if self.stdin:
             self.transport.write(self.stdin)
         self.transport.closeStdin()
@@ -268,15 +265,15 @@ def spawner(reactor: IReactorProcess) -> Spawner:
     """
 
     def spawn(protocol: ClaudeProcess, argv: list[str], env: dict[str, str], cwd: str) -> None:
-        stdin = _stdin_pipe(protocol.stdin)
-        if stdin is None:  # larger than a pipe may be: written by the reactor
-            _SessionLeaderProcess(reactor, argv[0], argv, env, cwd, protocol)
-            return
-        protocol.stdin, protocol.stdin_in_pipe = b"", True
+        stdin = _stdin_pipe(protocol.stdin)  # None: larger than a pipe may be, written by the reactor
+        if stdin is not None:
+            protocol.stdin = b""
         try:
-            _SessionLeaderProcess(reactor, argv[0], argv, env, cwd, protocol, childFDs={0: stdin, 1: "r", 2: "r"})
+            _SessionLeaderProcess(reactor, argv[0], argv, env, cwd, protocol,
+                                  childFDs={0: "w" if stdin is None else stdin, 1: "r", 2: "r"})
         finally:
-            os.close(stdin)
+            if stdin is not None:
+                os.close(stdin)
 
     return spawn
 

@@ -197,7 +197,7 @@ class Run:
         if self.state == "queued":
             self.manager.leave_queue(self)
             self._end_stream_with_error(f"the turn was stopped before it started: {reason}", reason)
-            self.outcome = "disconnected" if reason == "disconnected" else reason
+            self.outcome = self._error_outcome()
             self._ended()
             return
         assert self.process is not None
@@ -336,14 +336,8 @@ class Run:
 
     def _recorded(self, line: bytes) -> None:
         held, self._held = self._held or [], None
-        self.manager.session_reported(self, line)
-        if self._stream_open:
-            result = _is_result(line) if RESULT_MARK in line else None
-            if result is not None:
-                self._send_result(line, result)
-            else:
-                self.lines_relayed += 1
-                self._write(sse.frames(line + b"\n"))
+        self.manager.session_reported(self)
+        self.lines_received(line + b"\n")
         for fn in held:
             fn()
         if self.process is not None and not self._client_paused:
@@ -411,8 +405,6 @@ class Run:
             self._end_stream_with_error(message, self.interrupt_reason or "cli_failed",
                                         exit_code=exit_code, signal=signal_number,
                                         stderr=stderr.decode("utf-8", "replace"))
-            if self.outcome == "ok":
-                self.outcome = "error"
         if self._swept is None:
             self.process_exited()
         assert self._swept is not None
@@ -506,6 +498,7 @@ class Run:
             exit_code=self.exit_code, signal=self.signal, duration=duration,
             bytes=self.bytes_relayed, lines=self.lines_relayed)
         self.manager.run_ended(self)
+        self.previous = None
         self.done.callback(None)
 
 
@@ -556,8 +549,9 @@ class RunManager:
 
         deferToThread(kill_marked, [marker for marker, _ in batch]).addBoth(fire)
 
-    def busy(self, session_id: str) -> bool:
-        return session_id in self.by_session or session_id in self.deleting
+    def busy(self, *session_ids: str) -> bool:
+        """Whether any of these ids (a session's ids) has a turn, or is being deleted."""
+        return any(sid in self.by_session or sid in self.deleting for sid in session_ids)
 
     def submit(self, request: ClaudeRequest, workspace: str | None, stream: Stream) -> Run:
         """
@@ -588,15 +582,18 @@ class RunManager:
         return run
 
     def _admit(self, run: Run) -> None:
-        if run.state != "queued":
-            return
-        if len(self.running) < self.limits.max_runs and self.accepting:
+        run.previous = None
+        if run.state == "queued":
+            self.queue.append(run)
+            self._start_queued()
+
+    def _start_queued(self) -> None:
+        while self.queue and len(self.running) < self.limits.max_runs and self.accepting:
+            run = self.queue.popleft()
             self.running[run.run_id] = run
             run.start()
-        else:
-            self.queue.append(run)
 
-    def session_reported(self, run: Run, _line: bytes) -> None:
+    def session_reported(self, run: Run) -> None:
         if run.reported_id is not None:
             self.by_session.setdefault(run.reported_id, run)
 
@@ -621,10 +618,7 @@ class RunManager:
             c.exit_codes[key] = c.exit_codes.get(key, 0) + 1
         c.bytes_relayed += run.bytes_relayed
         c.lines_relayed += run.lines_relayed
-        while self.queue and len(self.running) < self.limits.max_runs and self.accepting:
-            nxt = self.queue.popleft()
-            self.running[nxt.run_id] = nxt
-            nxt.start()
+        self._start_queued()
 
     def cancel(self, session_id: str) -> bool:
         """Interrupt the session's running or waiting turn; False if it has none."""

@@ -79,7 +79,7 @@ class Sessions:
             groups = yield self.store.idle_since(cutoff)
             removed = 0
             for group in groups:
-                if not any(self.runs.busy(sid) for sid in group.session_ids):
+                if not self.runs.busy(*group.session_ids):
                     yield self.delete(group)
                     removed += 1
             return removed

@@ -217,16 +217,14 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     runs = RunManager(reactor, spawner(reactor), store, workspaces, cli.path, environ, limits)
     sessions = Sessions(store, workspaces, runs, environ)
     registry, http_metrics = registry_for(runs)
-    api = ClaudeAPI(runs, store, workspaces, cli, max_prompt=options["max-prompt"],
-                    skip_permissions=options["skip-permissions"], as_root=os.geteuid() == 0,
-                    sandboxed=bool(options["sandboxed"]), sessions=sessions,
-                    readiness=Readiness(store, workspaces, runs, cli), registry=registry)
+    api = ClaudeAPI(runs, store, workspaces, cli, sessions, Readiness(store, workspaces, runs, cli), registry,
+                    max_prompt=options["max-prompt"], skip_permissions=options["skip-permissions"],
+                    as_root=os.geteuid() == 0, sandboxed=bool(options["sandboxed"]))
     policy = Policy(
         tokens=options["tokens"],
         loopback_only=all(is_loopback_listener(d) for d in options["listen"]),
         allowed_hosts=set(options["allowed-host"]),
         cors_origins=set(options["cors-origin"]),
-        max_body=options["max-body"],
     )
 
     top = service.MultiService()

@@ -29,9 +29,12 @@ class Workspaces:
 
     def create(self) -> str:
         """A new, empty ``session-<uuid4>`` directory; its absolute path."""
-        self.ensure_root()
         path = os.path.join(self.root, f"session-{uuid.uuid4()}")
-        os.mkdir(path, 0o700)
+        try:
+            os.mkdir(path, 0o700)
+        except FileNotFoundError:  # the root was removed while the daemon ran
+            self.ensure_root()
+            os.mkdir(path, 0o700)
         return path
 
     def resolve(self, stored: str) -> str:
