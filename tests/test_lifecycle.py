@@ -75,7 +75,13 @@ class InProcessRuns(TestCase):
     def submit(self, prompt: str) -> tuple[Any, RecordingStream]:
         stream = RecordingStream()
         run = self.runs.submit(ClaudeRequest(prompt), None, stream)
+        self.addCleanup(self.kill_leftovers, run)
         return run, stream
+
+    def kill_leftovers(self, run: Any) -> None:
+        """Timers run on a Clock here, so a test that fails early must kill its CLI itself."""
+        if run.process is not None and not run.process.ended:
+            run.process.signal_group(signal.SIGKILL)
 
     def signals(self) -> list[str]:
         return signals(self.state_dir)
