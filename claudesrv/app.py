@@ -8,22 +8,24 @@ Routes know nothing of processes. Every error before streaming is an HTTP status
 from __future__ import annotations
 
 import base64
-import json
 import os
 import shutil
-from typing import Any
+from typing import Any, cast
 
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from claudesrv.command import ApiError, ClaudeRequest, is_canonical_uuid, parse_request
+from claudesrv import sse
+from claudesrv.command import ClaudeRequest, is_canonical_uuid, parse_request
+from claudesrv.errors import ApiError, error_body, json_body, session_busy, unknown_session
+from claudesrv.live import Turn
 from claudesrv.openapi import OPENAPI
-from claudesrv.runs import Busy, QueueFull, RunManager
+from claudesrv.registry import Busy, QueueFull, SessionRegistry
 from claudesrv.sessions import Readiness, Sessions
 from claudesrv.store import SessionGroup, SessionStore
 from claudesrv.workspaces import WorkspaceError, Workspaces
@@ -53,12 +55,6 @@ class ClaudeExecutable:
 
     def path(self) -> str:
         return self._found or self.name
-
-
-def json_body(request: IRequest, status: int, payload: dict[str, Any]) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(payload).encode() + b"\n"
 
 
 def _no_content(request: IRequest) -> bytes:
@@ -96,27 +92,16 @@ def _cursor(request: IRequest) -> int:
     raise ApiError(400, "invalid_query", "cursor is not one this server gave out", "cursor")
 
 
-def error_body(request: IRequest, error: ApiError) -> bytes:
-    """The JSON answer to a refused request, logged without its body."""
-    log.info("{method} {path}: {status} {code}", method=request.method.decode("latin-1"),
-             path=request.path.decode("latin-1"), status=error.status, code=error.code)
-    return json_body(request, error.status, error.as_json())
-
-
-def unknown_session(session_id: str, field: str | None = None) -> ApiError:
-    return ApiError(404, "session_not_found", f"no session {session_id} on this server", field)
-
-
 class ClaudeAPI:
     """The routes of the daemon, with their collaborators injected."""
 
     app = Klein()
 
-    def __init__(self, runs: RunManager, store: SessionStore, workspaces: Workspaces,
+    def __init__(self, registry_: SessionRegistry, store: SessionStore, workspaces: Workspaces,
                  cli: ClaudeExecutable, sessions: Sessions, readiness: Readiness, registry: CollectorRegistry,
                  max_prompt: int = 1 << 20, skip_permissions: str = "allow", as_root: bool = False,
                  sandboxed: bool = False) -> None:
-        self.runs = runs
+        self.live = registry_
         self.sessions = sessions
         self.readiness = readiness
         self.registry = registry
@@ -138,7 +123,7 @@ class ClaudeAPI:
         """Start or resume a session; the answer is the CLI's stream as Server-Sent Events."""
         assert request.content is not None
         turn = parse_request(request.content.read(), self.max_prompt)
-        if turn.skip_permissions:
+        if turn.options.skip_permissions:
             self._check_skip_permissions()
         if self.cli.find() is None:
             raise ApiError(503, "cli_not_found", f"the Claude CLI {self.cli.name!r} was not found: {INSTALL_HINT}")
@@ -169,21 +154,113 @@ class ClaudeAPI:
             raise ApiError(status, e.code, e.message, "session_id") from None
         return self._submit(request, turn, workspace)
 
-    def _submit(self, request: IRequest, turn: ClaudeRequest, workspace: str | None) -> Any:
+    def _submit(self, request: IRequest, turn_request: ClaudeRequest, workspace: str | None) -> Any:
+        """Admit the turn; a new session's row is committed before the first byte of the answer."""
         try:
-            run = self.runs.submit(turn, workspace, request)  # type: ignore[arg-type]
+            turn = self.live.admit(turn_request, workspace)
         except Busy:
-            raise ApiError(409, "session_busy",
-                             "a turn of this session is still running; wait for it or cancel it") from None
+            raise session_busy() from None
         except QueueFull as e:
             request.setHeader(b"Retry-After", b"5")
             raise ApiError(503, "server_busy", f"{e}; try again later") from None
-        return run.response
+        except OSError as e:
+            raise ApiError(500, "workspace_error", f"could not create the workspace: {e.strerror}") from None
+        if not turn.new_session:
+            self.store.touch(turn.session_id).addErrback(
+                lambda f: log.failure("could not mark session {sid} used", f, sid=turn.session_id))
+            return self._stream(request, turn)
+        workspace = self.live.sessions[turn.session_id].workspace
+        d = self.store.record(turn.session_id, workspace)
+
+        def not_recorded(failure: Failure) -> None:
+            self.live.abandon(turn)
+            if failure.check(CancelledError):  # the client left meanwhile: the row may have been written
+                self.store.delete_workspace(workspace).addErrback(lambda f: None)
+                return None
+            log.failure("could not record session {sid}", failure, sid=turn.session_id)
+            raise ApiError(500, "database_error", "the server could not record the session in its database")
+
+        return d.addCallbacks(lambda _: self._stream(request, turn), not_recorded)
+
+    def _stream(self, request: IRequest, turn: Turn) -> Deferred[bytes]:
+        """The turn's events as SSE, from its first event to its result."""
+        session = self.live.sessions[turn.session_id]
+        request.setHeader(b"X-Session-Id", turn.session_id.encode())
+        client = cast(sse.Client, request)
+        sse.start(client)
+        limits = self.live.limits
+        sink = sse.SseSink(client, session.log, turn.start_offset, self.live.clock, lambda: turn.end_offset,
+                           limits.keepalive, limits.idle_timeout,
+                           on_gone=lambda why: self.live.client_left(turn, why))
+        sink.open()
+        self.live.start(turn)
+        sink.done.addBoth(self._count_relayed, sink)
+        return sink.done
+
+    def _count_relayed(self, result: Any, sink: sse.SseSink) -> Any:
+        self.live.counters.bytes_relayed += sink.written
+        return result
+
+    @app.route("/api/sessions/<session_id>/events", methods=["GET"])
+    def events(self, request: IRequest, session_id: str) -> Any:
+        """Replay a session's events after Last-Event-ID (or ?after=), then follow the running turn
+        (?follow=session: every later turn too, until the client leaves)."""
+        raw = request.getHeader(b"last-event-id")
+        name = "Last-Event-ID"
+        if raw is None:
+            raw = (request.args.get(b"after") or [None])[0]
+            name = "after"
+        after = 0
+        if raw is not None:
+            text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+            if not text.isdigit() or len(text) > 18:
+                raise ApiError(400, "invalid_query", f"{name} must be a non-negative whole number", name)
+            after = int(text)
+        follow = (request.args.get(b"follow") or [b"turn"])[0]
+        if follow not in (b"turn", b"session"):
+            raise ApiError(400, "invalid_query", "follow must be turn or session", "follow")
+        return self._group(session_id).addCallback(
+            lambda group: self._replay(request, group.session_id, after, follow == b"session"))
+
+    def _replay(self, request: IRequest, session_id: str, after: int, whole_session: bool) -> Deferred[bytes]:
+        event_log = self.live.log_for(session_id)
+        position = event_log.offset_after(after)
+        first = b""
+        if position is None:
+            first = sse.event({"type": "claudesrv", "subtype": "gap", "from": after + 1,
+                               "to": event_log.first_seq - 1,
+                               "message": "these events are no longer in the session's log (--log-max-bytes)"})
+            position = event_log.start
+        turn = self.live.turns.get(session_id)
+        end = event_log.end
+        if whole_session:
+            def until() -> int | None:
+                return None
+        elif turn is not None:
+            def until() -> int | None:
+                return turn.end_offset
+        else:
+            def until() -> int | None:
+                return end
+        request.setHeader(b"X-Session-Id", session_id.encode())
+        client = cast(sse.Client, request)
+        sse.start(client)
+        limits = self.live.limits
+        sink = sse.SseSink(client, event_log, position, self.live.clock, until, limits.keepalive,
+                           limits.idle_timeout, on_gone=lambda why: self.live.release_log(session_id))
+        sink.open(first)
+
+        def done(result: Any) -> Any:
+            self.live.release_log(session_id)
+            return self._count_relayed(result, sink)
+
+        sink.done.addBoth(done)
+        return sink.done
 
     @app.route("/api/sessions/<session_id>/cancel", methods=["POST"])
     def cancel(self, request: IRequest, session_id: str) -> Any:
         """Interrupt the running turn of a session (SIGINT first, as a client disconnect does)."""
-        if self.runs.cancel(session_id):
+        if self.live.cancel(session_id):
             return json_body(request, 202, {"session_id": session_id, "status": "cancelling"})
 
         def not_running(_: SessionGroup) -> bytes:
@@ -216,7 +293,7 @@ class ClaudeAPI:
         purge = request.args.get(b"purge_transcript", [b"false"])[0].lower() in (b"true", b"1", b"yes")
 
         def delete(group: SessionGroup) -> Any:
-            if self.runs.busy(*group.session_ids):
+            if self.live.busy(*group.session_ids):
                 raise ApiError(409, "session_busy", "a turn of this session is running; cancel it first")
             return self.sessions.delete(group, purge).addCallback(lambda _: _no_content(request))
 
@@ -237,7 +314,7 @@ class ClaudeAPI:
     def _item(self, group: SessionGroup) -> dict[str, Any]:
         return {"session_id": group.session_id, "session_ids": group.session_ids, "workspace": group.workspace,
                 "created_at": group.created_at, "last_used_at": group.last_used_at,
-                "running": self.runs.busy(*group.session_ids)}
+                "running": self.live.busy(*group.session_ids), **self.live.state_of(group.session_id)}
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:

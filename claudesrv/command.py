@@ -1,10 +1,11 @@
 """
-From an HTTP request body to the CLI's argv and environment: pure functions, no I/O.
+From an HTTP request body to what the CLI gets: its argv, its environment and its stdin lines. Pure
+functions, no I/O.
 
-The argv is built here and nowhere else, so the traps of the real CLI (claude-cli.md) are handled once:
-the prompt never travels in argv (it goes to stdin, which is then closed), so a prompt that starts with
-``-`` cannot become an option, a prompt of any size avoids E2BIG, and the variadic tool options are
-closed by ``--`` so they swallow nothing.
+The argv is built here and nowhere else. The CLI runs in SDK streaming mode: stdin stays open and every
+turn is one JSON line written to it, so a prompt never travels in argv (no option injection, no E2BIG),
+and every line we write comes from ``json.dumps`` (one non-JSON line kills the CLI). The variadic tool
+options are closed by ``--`` so they swallow nothing.
 """
 
 from __future__ import annotations
@@ -15,24 +16,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-FIELDS = ("prompt", "session_id", "dangerously-skip-permissions", "allowedTools", "disallowedTools")
+from claudesrv.errors import ApiError, invalid
+
+FIELDS = ("prompt", "session_id", "dangerously-skip-permissions", "allowedTools", "disallowedTools", "detach")
 
 
-class ApiError(Exception):
-    """A request refused before anything runs: the HTTP status, an error code, a message, maybe the field."""
+@dataclass(frozen=True)
+class SpawnOptions:
+    """What a CLI process is started with and cannot change later: a turn that needs others needs a new one."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
-
-    def as_json(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.field is not None:
-            error["field"] = self.field
-        return {"error": error}
+    skip_permissions: bool = False
+    allowed_tools: tuple[str, ...] = ()
+    disallowed_tools: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -41,13 +36,8 @@ class ClaudeRequest:
 
     prompt: str
     session_id: str | None = None
-    skip_permissions: bool = False
-    allowed_tools: tuple[str, ...] = ()
-    disallowed_tools: tuple[str, ...] = ()
-
-
-def _invalid(field: str, message: str) -> ApiError:
-    return ApiError(400, "invalid_field", message, field)
+    options: SpawnOptions = SpawnOptions()
+    detach: bool = False
 
 
 def is_canonical_uuid(value: str) -> bool:
@@ -63,15 +53,15 @@ def _tool_list(body: Mapping[str, Any], field: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise _invalid(field, f"{field} must be an array of tool names, such as [\"Bash\", \"Edit\"]")
+        raise invalid(field, f"{field} must be an array of tool names, such as [\"Bash\", \"Edit\"]")
     tools = []
     for item in value:
         if not isinstance(item, str) or not item.strip():
-            raise _invalid(field, f"{field} must hold non-empty strings")
+            raise invalid(field, f"{field} must hold non-empty strings")
         if any(ord(c) < 32 or ord(c) == 127 for c in item):
-            raise _invalid(field, f"{field} items must not contain control characters")
+            raise invalid(field, f"{field} items must not contain control characters")
         if item.startswith("-"):
-            raise _invalid(field, f"{field} items must not start with '-'")
+            raise invalid(field, f"{field} items must not start with '-'")
         tools.append(item)
     return tuple(tools)
 
@@ -94,54 +84,73 @@ def parse_request(raw: bytes, max_prompt: int) -> ClaudeRequest:
     if prompt is None:
         raise ApiError(400, "missing_field", "prompt is required", "prompt")
     if not isinstance(prompt, str):
-        raise _invalid("prompt", "prompt must be a string")
+        raise invalid("prompt", "prompt must be a string")
     if not prompt.strip():
-        raise _invalid("prompt", "prompt must not be empty or whitespace only")
+        raise invalid("prompt", "prompt must not be empty or whitespace only")
     if "\0" in prompt:
-        raise _invalid("prompt", "prompt must not contain NUL characters")
+        raise invalid("prompt", "prompt must not contain NUL characters")
     try:
         size = len(prompt.encode("utf-8"))
     except UnicodeEncodeError:
-        raise _invalid("prompt", "prompt must be valid Unicode (no lone surrogates)") from None
+        raise invalid("prompt", "prompt must be valid Unicode (no lone surrogates)") from None
     if size > max_prompt:
         raise ApiError(400, "prompt_too_large", f"prompt is larger than {max_prompt} bytes", "prompt")
     session_id = body.get("session_id")
     if session_id is not None and (not isinstance(session_id, str) or not is_canonical_uuid(session_id)):
-        raise _invalid("session_id", "session_id must be a lower-case UUID as reported by the CLI")
+        raise invalid("session_id", "session_id must be a lower-case UUID as reported by the CLI")
     skip = body.get("dangerously-skip-permissions", False)
     if not isinstance(skip, bool):
-        raise _invalid("dangerously-skip-permissions", "dangerously-skip-permissions must be true or false")
-    return ClaudeRequest(
-        prompt=prompt,
-        session_id=session_id,
-        skip_permissions=skip,
-        allowed_tools=_tool_list(body, "allowedTools"),
-        disallowed_tools=_tool_list(body, "disallowedTools"),
-    )
+        raise invalid("dangerously-skip-permissions", "dangerously-skip-permissions must be true or false")
+    detach = body.get("detach", False)
+    if not isinstance(detach, bool):
+        raise invalid("detach", "detach must be true or false")
+    options = SpawnOptions(skip, _tool_list(body, "allowedTools"), _tool_list(body, "disallowedTools"))
+    return ClaudeRequest(prompt=prompt, session_id=session_id, options=options, detach=detach)
 
 
-def build_argv(executable: str, request: ClaudeRequest, deny_tools: Sequence[str] = ()) -> list[str]:
+def build_argv(executable: str, options: SpawnOptions, session_id: str, resume: bool,
+               deny_tools: Sequence[str] = ()) -> list[str]:
     """
-    The CLI's argv for one turn. The prompt is not in it: it is written to the CLI's stdin.
+    The CLI's argv for a live process of one session: ``--session-id`` for a session the CLI has not seen
+    (so its id is ours from the start), ``--resume`` for one it has.
 
     Each tool pattern is its own argv element (so ``Bash(touch a,b.txt)`` stays whole) and the
     trailing ``--`` ends the variadic tool options.
     """
-    argv = [executable, "-p", "--verbose", "--output-format", "stream-json"]
-    if request.session_id is not None:
-        argv += ["--resume", request.session_id]
-    if request.skip_permissions:
+    argv = [executable, "--output-format", "stream-json", "--verbose", "--input-format", "stream-json",
+            "--permission-prompt-tool", "stdio", ("--resume=" if resume else "--session-id=") + session_id]
+    if options.skip_permissions:
         argv.append("--dangerously-skip-permissions")
-    if request.allowed_tools:
-        argv += ["--allowedTools", *request.allowed_tools]
-    disallowed = list(request.disallowed_tools) + [t for t in deny_tools if t not in request.disallowed_tools]
+    if options.allowed_tools:
+        argv += ["--allowedTools", *options.allowed_tools]
+    disallowed = list(options.disallowed_tools) + [t for t in deny_tools if t not in options.disallowed_tools]
     if disallowed:
         argv += ["--disallowedTools", *disallowed]
     argv.append("--")
     return argv
 
 
-def build_env(base: Mapping[str, str], run_id: str, sandboxed: bool = False) -> dict[str, str]:
+def user_message(prompt: str) -> bytes:
+    """One turn's stdin line."""
+    return _line({"type": "user", "message": {"role": "user", "content": prompt},
+                  "parent_tool_use_id": None, "session_id": "default"})
+
+
+def control_request(request_id: str, subtype: str, **fields: Any) -> bytes:
+    return _line({"type": "control_request", "request_id": request_id, "request": {"subtype": subtype, **fields}})
+
+
+def control_response(request_id: str, response: dict[str, Any]) -> bytes:
+    return _line({"type": "control_response",
+                  "response": {"subtype": "success", "request_id": request_id, "response": response}})
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    """ASCII JSON and a newline: nothing a client sends can break the line."""
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def build_env(base: Mapping[str, str], marker: str, sandboxed: bool = False) -> dict[str, str]:
     """
     The CLI's environment: the daemon's own (spawnProcess would otherwise give it none) less the API
     tokens, a marker
@@ -150,8 +159,13 @@ def build_env(base: Mapping[str, str], run_id: str, sandboxed: bool = False) -> 
     """
     env = dict(base)
     env.pop("CLAUDESRV_AUTH_TOKENS", None)  # the CLI's tools must not see the clients' tokens
-    env["CLAUDESRV_RUN_ID"] = run_id
+    env["CLAUDESRV_RUN_ID"] = marker
     env.pop("IS_SANDBOX", None)
     if sandboxed:
         env["IS_SANDBOX"] = "1"
     return env
+
+
+def control_error(request_id: str, error: str) -> bytes:
+    return _line({"type": "control_response",
+                  "response": {"subtype": "error", "request_id": request_id, "error": error}})

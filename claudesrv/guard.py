@@ -22,8 +22,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from claudesrv.app import error_body
-from claudesrv.command import ApiError
+from claudesrv.errors import ApiError, error_body
 from claudesrv.metrics import HttpMetrics, route_of
 
 log = Logger()

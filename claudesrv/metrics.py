@@ -1,5 +1,5 @@
 """
-Prometheus metrics. Run figures are read from the run manager's counters when scraped, so relaying a
+Prometheus metrics. Session figures are read from the registry's counters when scraped, so relaying a
 line costs nothing extra; HTTP figures are counted per request.
 """
 
@@ -12,30 +12,55 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from claudesrv.openapi import OPENAPI
-from claudesrv.runs import RunManager
+from claudesrv.registry import SessionRegistry
 
 OUTCOMES = ("ok", "error", "cancelled", "timeout", "disconnected", "server_shutdown")
 
 
-class RunCollector:
-    def __init__(self, runs: RunManager) -> None:
-        self.runs = runs
+class RegistryCollector:
+    def __init__(self, registry: SessionRegistry) -> None:
+        self.registry = registry
 
     def collect(self) -> Iterator[Metric]:
-        c = self.runs.counters
-        yield CounterMetricFamily("claudesrv_runs_started", "CLI runs started.", value=c.started)
-        ended = CounterMetricFamily("claudesrv_runs_ended", "CLI runs ended, by outcome.", labels=["outcome"])
+        r = self.registry
+        c = r.counters
+        yield CounterMetricFamily("claudesrv_turns_started", "Turns started.", value=c.turns_started)
+        ended = CounterMetricFamily("claudesrv_turns_ended", "Turns ended, by outcome.", labels=["outcome"])
         for outcome in sorted(set(OUTCOMES) | set(c.ended)):
             ended.add_metric([outcome], c.ended.get(outcome, 0))
         yield ended
-        exits = CounterMetricFamily("claudesrv_cli_exits", "CLI exits, by exit code or signal.", labels=["code"])
+        starts = CounterMetricFamily("claudesrv_turn_starts", "How turns found their CLI process: warm (a live "
+                                     "process), spare (a process started ahead), cold (spawned for it).",
+                                     labels=["kind"])
+        for kind in ("warm", "spare", "cold"):
+            starts.add_metric([kind], c.starts.get(kind, 0))
+        yield starts
+        sleeps = CounterMetricFamily("claudesrv_cli_sleeps", "Live CLI processes put to sleep, by reason.",
+                                     labels=["reason"])
+        for reason in sorted({"idle", "lru", "spare", "options", "deleted", "shutdown"} | set(c.sleeps)):
+            sleeps.add_metric([reason], c.sleeps.get(reason, 0))
+        yield sleeps
+        exits = CounterMetricFamily("claudesrv_cli_exits", "CLI exits during a turn, by exit code or signal.",
+                                    labels=["code"])
         for code, n in sorted(c.exit_codes.items()):
             exits.add_metric([code], n)
         yield exits
-        yield GaugeMetricFamily("claudesrv_runs_running", "CLI processes running now.", value=len(self.runs.running))
-        yield GaugeMetricFamily("claudesrv_runs_queued", "Requests waiting for a run slot.", value=len(self.runs.queue))
+        yield CounterMetricFamily("claudesrv_cli_spawns", "CLI processes started.", value=c.spawns)
+        live = GaugeMetricFamily("claudesrv_live_processes", "Live CLI processes, by state.", labels=["state"])
+        for state, n in sorted(r.live_by_state().items()):
+            live.add_metric([state], n)
+        yield live
+        yield GaugeMetricFamily("claudesrv_spares", "Spare CLI processes (started ahead for new sessions).",
+                                value=len(r.spares))
+        yield GaugeMetricFamily("claudesrv_turns_running", "Turns running now.", value=r.running)
+        yield GaugeMetricFamily("claudesrv_turns_queued", "Turns waiting for a run slot or a process.",
+                                value=len(r.queue))
+        yield GaugeMetricFamily("claudesrv_event_log_bytes", "Bytes in the event logs of the sessions in use.",
+                                value=r.log_bytes())
+        yield CounterMetricFamily("claudesrv_event_log_appended_bytes", "Bytes appended to event logs.",
+                                  value=sum(log.appended for log in r.logs.values()) + c.log_bytes_released)
         yield CounterMetricFamily("claudesrv_relayed_bytes", "SSE bytes written to clients.", value=c.bytes_relayed)
-        yield CounterMetricFamily("claudesrv_relayed_lines", "CLI lines relayed to clients.", value=c.lines_relayed)
+        yield CounterMetricFamily("claudesrv_relayed_lines", "CLI lines logged as events.", value=c.lines_logged)
 
 
 class HttpMetrics:
@@ -61,8 +86,8 @@ def route_of(path: bytes) -> str:
     return next((route for pattern, route in _ROUTES if pattern.match(text)), "other")
 
 
-def registry_for(runs: RunManager) -> tuple[CollectorRegistry, HttpMetrics]:
+def registry_for(sessions: SessionRegistry) -> tuple[CollectorRegistry, HttpMetrics]:
     registry = CollectorRegistry()
-    registry.register(RunCollector(runs))
+    registry.register(RegistryCollector(sessions))
     return registry, HttpMetrics(registry)
 

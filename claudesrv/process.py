@@ -1,7 +1,8 @@
 """
-The CLI as a child process: stdout cut into whole lines, stderr kept, signals to its whole tree.
+The CLI as a child process in SDK streaming mode: JSON lines in both directions, stdout cut into whole
+lines, stderr kept, signals to its whole tree.
 
-Nothing here knows about HTTP. Lines go to a L{LineSink} in blocks: every complete line that one read
+Nothing here knows about HTTP or sessions. Lines go to a L{LineSink} in blocks: every complete line that one read
 brought, in one call, so the relay costs a few C-level operations per read rather than Python work per
 line. A line longer than C{max_line} is not held whole in memory: it is passed on in pieces as it
 arrives, so a 64 MiB line costs the server no more memory than a short one.
@@ -10,7 +11,7 @@ arrives, so a 64 MiB line costs the server no more memory than a short one.
 from __future__ import annotations
 
 import errno
-import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -18,17 +19,19 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet import process
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from claudesrv import command
+
 log = Logger()
 
 STDERR_KEEP = 4096
 READ_SIZE = 1 << 16  # Twisted's ProcessReader reads 8 KiB a call
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 class LineSink(Protocol):
@@ -38,11 +41,6 @@ class LineSink(Protocol):
     def line_piece(self, piece: bytes, first: bool, last: bool) -> None:
         """A piece of one long line, without its newline; C{last} once the newline has been seen."""
 
-    def process_exited(self) -> None:
-        """The CLI itself has exited; its output may still be in the pipe."""
-
-    def process_ended(self, exit_code: int | None, signal_number: int | None, stderr: bytes) -> None:
-        """The CLI has exited and its stdout is fully delivered."""
 
 
 class LineSplitter:
@@ -106,27 +104,113 @@ class LineSplitter:
             self.sink.lines_received(line)
 
 
-class ClaudeProcess(ProcessProtocol):
-    """The protocol of one CLI process. It writes the prompt to stdin and closes it at once."""
+class CliOwner(Protocol):
+    """Who hears from a CLI process: its events, its control messages, its end."""
 
-    def __init__(self, sink: LineSink, stdin: bytes, max_line: int = 1 << 20) -> None:
-        self.sink = sink
-        self.splitter = LineSplitter(sink, max_line)
-        self.stdin = stdin
+    def cli_lines(self, block: bytes) -> None:
+        """Complete event lines (control protocol frames taken out), each ending in a newline."""
+
+    def cli_piece(self, piece: bytes, first: bool, last: bool) -> None:
+        """A piece of one event line too long to hold; C{last} once its newline has been seen."""
+
+    def cli_control(self, message: dict[str, Any]) -> None:
+        """A control_request or control_cancel_request the CLI sent us."""
+
+    def cli_exited(self) -> None:
+        """The CLI itself has exited; its output may still be in the pipe."""
+
+    def cli_ended(self, exit_code: int | None, signal_number: int | None, stderr: bytes) -> None:
+        """The CLI has exited and its stdout is fully delivered."""
+
+
+CONTROL = b'{"type":"control_'
+
+
+class CliProcess(ProcessProtocol):
+    """
+    One CLI in SDK streaming mode: stdin stays open for JSON lines, the control protocol's frames are
+    kept apart from the events, and our control requests get their answers as Deferreds.
+    """
+
+    def __init__(self, owner: CliOwner, max_line: int = 1 << 20) -> None:
+        self.owner = owner
+        self.splitter = LineSplitter(self, max_line)
         self.stderr = bytearray()
         self.ended = False
+        self.stdin_open = True
         self.pgid: int | None = None
+        self.pending: dict[str, Deferred[dict[str, Any]]] = {}
+        self._queued: list[bytes] = []
+        self._requests = 0
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.pgid = self.transport.pid  # the CLI leads its own group; kept after the CLI is reaped
-        if self.stdin:
-            self.transport.write(self.stdin)
-        self.transport.closeStdin()
-        self.stdin = b""
+        queued, self._queued = self._queued, []
+        for line in queued:
+            self.send(line)
+
+    # ---------------------------------------------------------------- writing to the CLI
+
+    def send(self, line: bytes) -> None:
+        """One line that L{claudesrv.command} made; dropped once stdin is closed."""
+        if self.transport is None:
+            self._queued.append(line)
+        elif self.stdin_open and not self.ended:
+            self.transport.write(line)
+
+    def request(self, subtype: str, **fields: Any) -> Deferred[dict[str, Any]]:
+        """A control request; fires with the CLI's response envelope (``subtype`` success or error)."""
+        self._requests += 1
+        request_id = f"req_{self._requests}_{os.urandom(4).hex()}"
+        d: Deferred[dict[str, Any]] = Deferred()
+        self.pending[request_id] = d
+        self.send(command.control_request(request_id, subtype, **fields))
+        return d
+
+    def close_stdin(self) -> None:
+        if self.stdin_open:
+            self.stdin_open = False
+            if self.transport is not None and not self.ended:
+                self.transport.closeStdin()
+
+    # ---------------------------------------------------------------- reading from the CLI
 
     def outReceived(self, data: bytes) -> None:
         self.splitter.feed(data)
+
+    def lines_received(self, block: bytes) -> None:
+        if CONTROL not in block:
+            self.owner.cli_lines(block)
+            return
+        events: list[bytes] = []
+        for line in block.split(b"\n")[:-1]:
+            if line.startswith(CONTROL):
+                if events:
+                    self.owner.cli_lines(b"\n".join(events) + b"\n")
+                    events = []
+                self._control(line)
+            else:
+                events.append(line)
+        if events:
+            self.owner.cli_lines(b"\n".join(events) + b"\n")
+
+    def line_piece(self, piece: bytes, first: bool, last: bool) -> None:
+        self.owner.cli_piece(piece, first, last)
+
+    def _control(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            log.warn("an unreadable control frame from the CLI was dropped: {head!r}", head=line[:200])
+            return
+        if message.get("type") == "control_response":
+            response = message.get("response") or {}
+            d = self.pending.pop(str(response.get("request_id")), None)
+            if d is not None:
+                d.callback(response)
+        else:
+            self.owner.cli_control(message)
 
     def errReceived(self, data: bytes) -> None:
         self.stderr += data
@@ -134,15 +218,19 @@ class ClaudeProcess(ProcessProtocol):
             del self.stderr[:-STDERR_KEEP]
 
     def processExited(self, reason: Failure) -> None:
-        self.sink.process_exited()
+        self.owner.cli_exited()
 
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
+        self.stdin_open = False
         self.splitter.flush()
+        pending, self.pending = self.pending, {}
+        for d in pending.values():
+            d.callback({"subtype": "error", "error": "the CLI exited"})
         value = reason.value
         exit_code = getattr(value, "exitCode", None)
         signal_number = getattr(value, "signal", None)
-        self.sink.process_ended(exit_code, signal_number, bytes(self.stderr[-STDERR_KEEP:]))
+        self.owner.cli_ended(exit_code, signal_number, bytes(self.stderr[-STDERR_KEEP:]))
 
     @property
     def pid(self) -> int | None:
@@ -158,14 +246,6 @@ class ClaudeProcess(ProcessProtocol):
             pass
         except PermissionError:
             log.warn("no permission to signal process group {pgid}", pgid=self.pgid)
-
-    def pause_reading(self) -> None:
-        if self.transport is not None and not self.ended:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.ended:
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
 
 # the signals a shell or nohup may leave ignored (subprocess itself restores SIGPIPE and SIGXFSZ)
@@ -236,44 +316,14 @@ class _SessionLeaderProcess(process.Process):
         super().processEnded(status)
 
 
-Spawner = Callable[[ClaudeProcess, list[str], dict[str, str], str], None]
-
-
-def _stdin_pipe(data: bytes) -> int | None:
-    """A pipe already holding C{data}, its write end closed: the read end, or None if it cannot hold it."""
-    r, w = os.pipe()
-    try:
-        if len(data) > 65536:
-            fcntl.fcntl(w, F_SETPIPE_SZ, len(data))
-        os.set_blocking(w, False)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(w, view):]
-    except OSError:
-        os.close(r)
-        return None
-    finally:
-        os.close(w)
-    return r
+Spawner = Callable[[CliProcess, list[str], dict[str, str], str], None]
 
 
 def spawner(reactor: IReactorProcess) -> Spawner:
-    """
-    A function that starts the CLI as a session leader with the given argv, env and cwd. The prompt is
-    put in the CLI's stdin pipe before the CLI starts, so its stdin ends at once, without waiting for
-    the reactor to flush and close it (a burst of requests would otherwise hold every CLI back).
-    """
+    """A function that starts the CLI as a session leader with the given argv, env and cwd, stdin a pipe."""
 
-    def spawn(protocol: ClaudeProcess, argv: list[str], env: dict[str, str], cwd: str) -> None:
-        stdin = _stdin_pipe(protocol.stdin)  # None: larger than a pipe may be, written by the reactor
-        if stdin is not None:
-            protocol.stdin = b""
-        try:
-            _SessionLeaderProcess(reactor, argv[0], argv, env, cwd, protocol,
-                                  childFDs={0: "w" if stdin is None else stdin, 1: "r", 2: "r"})
-        finally:
-            if stdin is not None:
-                os.close(stdin)
+    def spawn(protocol: CliProcess, argv: list[str], env: dict[str, str], cwd: str) -> None:
+        _SessionLeaderProcess(reactor, argv[0], argv, env, cwd, protocol, childFDs={0: "w", 1: "r", 2: "r"})
 
     return spawn
 

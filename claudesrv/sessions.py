@@ -16,7 +16,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from claudesrv.command import is_canonical_uuid
-from claudesrv.runs import RunManager
+from claudesrv.registry import SessionRegistry
 from claudesrv.store import SessionGroup, SessionStore
 from claudesrv.workspaces import Workspaces
 
@@ -36,11 +36,11 @@ def transcript_paths(config_dir: str, session_ids: list[str]) -> list[str]:
 
 
 class Sessions:
-    def __init__(self, store: SessionStore, workspaces: Workspaces, runs: RunManager,
+    def __init__(self, store: SessionStore, workspaces: Workspaces, registry: SessionRegistry,
                  environ: dict[str, str]) -> None:
         self.store = store
         self.workspaces = workspaces
-        self.runs = runs
+        self.registry = registry
         self.config_dir = environ.get("CLAUDE_CONFIG_DIR") or os.path.join(
             environ.get("HOME", os.path.expanduser("~")), ".claude")
 
@@ -50,15 +50,18 @@ class Sessions:
         Rows first (so the session is gone for every client at once), then the files. Its ids count as
         busy meanwhile, so no turn can start in a workspace that is being removed.
         """
-        ids = set(group.session_ids) - self.runs.deleting
-        self.runs.deleting |= ids
+        ids = set(group.session_ids) - self.registry.deleting
+        self.registry.deleting |= ids
         try:
+            yield self.registry.stop_sessions(group.session_ids)
             yield self.store.delete_workspace(group.workspace)
+            for sid in group.session_ids:
+                self.registry.destroy_log(sid)
             yield deferToThread(self.workspaces.remove, group.workspace)
             if purge_transcript:
                 yield deferToThread(self._purge, group.session_ids)
         finally:
-            self.runs.deleting -= ids
+            self.registry.deleting -= ids
         log.info("session {session_id} deleted with workspace {workspace}", session_id=group.session_id,
                  workspace=group.workspace)
 
@@ -71,7 +74,7 @@ class Sessions:
 
     def expire(self, ttl: float) -> Deferred[int]:
         """Delete the sessions idle for longer than C{ttl} seconds and not running; never fails."""
-        now = self.runs.clock.seconds()
+        now = self.registry.clock.seconds()
         cutoff = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now - ttl))
 
         @inlineCallbacks
@@ -79,7 +82,7 @@ class Sessions:
             groups = yield self.store.idle_since(cutoff)
             removed = 0
             for group in groups:
-                if not self.runs.busy(*group.session_ids):
+                if not self.registry.busy(*group.session_ids):
                     yield self.delete(group)
                     removed += 1
             return removed
@@ -96,10 +99,10 @@ class Sessions:
 class Readiness:
     """The checks behind /readyz; the CLI's --version is asked at most once a minute."""
 
-    def __init__(self, store: SessionStore, workspaces: Workspaces, runs: RunManager, cli: Any) -> None:
+    def __init__(self, store: SessionStore, workspaces: Workspaces, registry: SessionRegistry, cli: Any) -> None:
         self.store = store
         self.workspaces = workspaces
-        self.runs = runs
+        self.registry = registry
         self.cli = cli
         self._version: tuple[float, dict[str, Any]] | None = None
         self._waiters: list[Deferred[dict[str, Any]]] = []
@@ -115,15 +118,16 @@ class Readiness:
             checks["database"] = {"ok": False, "error": str(e)}
         root = self.workspaces.root
         checks["workspace"] = {"ok": os.path.isdir(root) and os.access(root, os.W_OK | os.X_OK)}
-        limits = self.runs.limits
-        free = (limits.max_runs - len(self.runs.running)) + (limits.max_queue - len(self.runs.queue))
-        checks["capacity"] = {"ok": free > 0, "running": len(self.runs.running), "queued": len(self.runs.queue),
-                              "max_runs": limits.max_runs, "max_queue": limits.max_queue}
+        limits = self.registry.limits
+        free = limits.max_runs + limits.max_queue - len(self.registry.turns)
+        checks["capacity"] = {"ok": free > 0, "running": self.registry.running, "queued": len(self.registry.queue),
+                              "max_runs": limits.max_runs, "max_queue": limits.max_queue,
+                              "live": len(self.registry.live), "max_live": limits.max_live}
         return checks
 
     def _cli(self) -> Deferred[dict[str, Any]]:
         """The CLI's --version, asked at most once a minute and by one process at a time, killed after 10 s."""
-        now = self.runs.clock.seconds()
+        now = self.registry.clock.seconds()
         if self._version is not None and now - self._version[0] < VERSION_CHECK_EVERY:
             return succeed(self._version[1])
         waiter: Deferred[dict[str, Any]] = Deferred()
@@ -144,9 +148,9 @@ class Readiness:
             answer({"ok": False, "error": f"the Claude CLI {self.cli.name!r} was not found"})
             return
         probe = _VersionProbe()
-        reactor: Any = self.runs.clock
+        reactor: Any = self.registry.clock
         try:
-            transport = reactor.spawnProcess(probe, path, [path, "--version"], env=self.runs.environ,
+            transport = reactor.spawnProcess(probe, path, [path, "--version"], env=self.registry.environ,
                                              path=self.workspaces.root, childFDs={0: "w", 1: "r", 2: "r"})
         except OSError as e:
             answer({"ok": False, "error": e.strerror})

@@ -28,9 +28,10 @@ from claudesrv.guard import (
     read_token_file,
     request_factory,
 )
+from claudesrv.live import Limits
 from claudesrv.metrics import registry_for
 from claudesrv.process import spawner
-from claudesrv.runs import Limits, RunManager
+from claudesrv.registry import SessionRegistry
 from claudesrv.sessions import Readiness, Sessions
 from claudesrv.store import SessionStore
 from claudesrv.workspaces import Workspaces
@@ -63,13 +64,23 @@ class Options(usage.Options):
     optParameters = [
         ["data-dir", None, ".", "Folder that holds sessions.db and Workspace/."],
         ["claude", None, "claude", "The Claude CLI: a name looked up on PATH, or a path."],
-        ["max-runs", None, 4, "Most CLI processes at once.", _positive],
-        ["max-queue", None, 32, "Most requests waiting for a run slot; beyond that 503.", int],
-        ["run-timeout", None, 3600.0, "Seconds a run may take in all (0: no limit).", _seconds],
-        ["idle-timeout", None, 600.0, "Seconds a run may print nothing (0: no limit).", _seconds],
+        ["max-runs", None, 4, "Most turns running at once.", _positive],
+        ["max-queue", None, 32, "Most turns waiting for a run slot or a process; beyond that 503.", int],
+        ["max-live", None, 8, "Most live CLI processes (idle, running, starting, spare); the least recently "
+                              "used idle one is put to sleep when a turn needs room.", _positive],
+        ["spares", None, 1, "CLI processes kept started ahead of time for new sessions (0: none).", int],
+        ["warm-idle", None, 600.0, "Seconds an idle CLI process stays warm before it is put to sleep "
+                                   "(0: until it is needed elsewhere).", _seconds],
+        ["run-timeout", None, 3600.0, "Seconds a turn may take in all (0: no limit).", _seconds],
+        ["idle-timeout", None, 600.0, "Seconds a turn may print nothing, or a client may read nothing "
+                                      "(0: no limit).", _seconds],
         ["keepalive", None, 15.0, "Seconds of silence before an SSE keepalive comment (0: none).", _seconds],
-        ["kill-grace", None, 5.0, "Seconds between SIGINT and SIGTERM when a run is stopped; "
-                                  "SIGKILL follows 2 s later.", _seconds],
+        ["kill-grace", None, 5.0, "Seconds a stopped turn has to end after the interrupt request before "
+                                  "SIGINT; SIGTERM and SIGKILL follow 2 s apart.", _seconds],
+        ["log-max-bytes", None, 256 << 20, "Most bytes of events kept per session; the oldest whole turns "
+                                           "go first.", _positive],
+        ["on-disconnect", None, "cancel", "What a turn does when its client goes away: cancel (interrupt "
+                                          "it) or continue (its events stay in the log).", str],
         ["max-prompt", None, 1 << 20, "Largest prompt in bytes.", _positive],
         ["http-timeout", None, 60.0, "Seconds an HTTP connection may sit idle or send its request slowly "
                                      "before it is closed (open streams are not cut).", _seconds],
@@ -118,6 +129,12 @@ class Options(usage.Options):
             self["listen"] = [DEFAULT_LISTEN]
         if self["max-queue"] < 0:
             raise usage.UsageError("--max-queue must be 0 or more")
+        if self["spares"] < 0:
+            raise usage.UsageError("--spares must be 0 or more")
+        if self["spares"] >= self["max-live"]:
+            raise usage.UsageError("--spares must be less than --max-live, or no turn could get a process")
+        if self["on-disconnect"] not in ("cancel", "continue"):
+            raise usage.UsageError("--on-disconnect must be cancel or continue")
         if self["skip-permissions"] not in ("allow", "deny"):
             raise usage.UsageError("--skip-permissions must be allow or deny")
         self["tokens"] = load_tokens(self["auth-token-file"], os.environ)
@@ -140,14 +157,14 @@ def load_tokens(path: str | None, environ: Mapping[str, str]) -> list[str]:
 
 
 class ClaudeService(service.Service):
-    """Owns the database and the runs: opens one at start, ends the other cleanly at stop."""
+    """Owns the database and the live sessions: opens them at start, ends them cleanly at stop."""
 
-    def __init__(self, store: SessionStore, runs: RunManager, workspaces: Workspaces,
+    def __init__(self, store: SessionStore, registry: SessionRegistry, workspaces: Workspaces,
                  cli: ClaudeExecutable, policy: Policy, token_file: str | None) -> None:
         self.policy = policy
         self.token_file = token_file
         self.store = store
-        self.runs = runs
+        self.registry = registry
         self.workspaces = workspaces
         self.cli = cli
         self.ready: Deferred[Any] | None = None
@@ -158,10 +175,11 @@ class ClaudeService(service.Service):
         if self.cli.find() is None:
             log.warn("the Claude CLI {name!r} was not found; requests get 503 until it is: {hint}",
                      name=self.cli.name, hint=INSTALL_HINT)
-        reactor: Any = self.runs.clock
+        reactor: Any = self.registry.clock
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.reload_tokens))
         self.ready = self.store.start()
         self.ready.addErrback(lambda f: log.failure("could not open the session database", f))
+        self.ready.addCallback(lambda _: self.registry.open() if self.cli.find() is not None else None)
 
     def reload_tokens(self) -> None:
         """SIGHUP: read the token file again; on error keep the tokens in force."""
@@ -182,9 +200,9 @@ class ClaudeService(service.Service):
     @inlineCallbacks
     def stopService(self) -> Any:
         super().stopService()
-        yield self.runs.shutdown()
+        yield self.registry.shutdown()
         # let the last result events leave the socket before the reactor closes connections
-        yield deferLater(self.runs.clock, 0.1, lambda: None)
+        yield deferLater(self.registry.clock, 0.1, lambda: None)
         self.store.close()
 
 
@@ -209,15 +227,18 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     workspaces = Workspaces(os.path.join(data_dir, "Workspace"))
     cli = ClaudeExecutable(options["claude"], environ)
     limits = Limits(
-        max_runs=options["max-runs"], max_queue=options["max-queue"],
+        max_runs=options["max-runs"], max_queue=options["max-queue"], max_live=options["max-live"],
+        spares=options["spares"], warm_idle=options["warm-idle"],
         run_timeout=options["run-timeout"], idle_timeout=options["idle-timeout"],
         keepalive=options["keepalive"], kill_grace=options["kill-grace"],
+        log_max_bytes=options["log-max-bytes"], on_disconnect=options["on-disconnect"],
         deny_tools=tuple(options["deny-tool"]), sandboxed=bool(options["sandboxed"]),
     )
-    runs = RunManager(reactor, spawner(reactor), store, workspaces, cli.path, environ, limits)
-    sessions = Sessions(store, workspaces, runs, environ)
-    registry, http_metrics = registry_for(runs)
-    api = ClaudeAPI(runs, store, workspaces, cli, sessions, Readiness(store, workspaces, runs, cli), registry,
+    live = SessionRegistry(reactor, spawner(reactor), store, workspaces, cli.path, environ, limits,
+                           os.path.join(data_dir, "events"))
+    sessions = Sessions(store, workspaces, live, environ)
+    registry, http_metrics = registry_for(live)
+    api = ClaudeAPI(live, store, workspaces, cli, sessions, Readiness(store, workspaces, live, cli), registry,
                     max_prompt=options["max-prompt"], skip_permissions=options["skip-permissions"],
                     as_root=os.geteuid() == 0, sandboxed=bool(options["sandboxed"]))
     policy = Policy(
@@ -228,7 +249,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     )
 
     top = service.MultiService()
-    ClaudeService(store, runs, workspaces, cli, policy, options["auth-token-file"]).setServiceParent(top)
+    ClaudeService(store, live, workspaces, cli, policy, options["auth-token-file"]).setServiceParent(top)
     ttl = options["session-ttl"]
     if ttl > 0:
         expiry = TimerService(min(ttl, 60.0), sessions.expire, ttl)

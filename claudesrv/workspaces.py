@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 
 
 class WorkspaceError(Exception):
@@ -27,9 +26,9 @@ class Workspaces:
     def ensure_root(self) -> None:
         os.makedirs(self.root, exist_ok=True)
 
-    def create(self) -> str:
-        """A new, empty ``session-<uuid4>`` directory; its absolute path."""
-        path = os.path.join(self.root, f"session-{uuid.uuid4()}")
+    def create(self, session_id: str) -> str:
+        """A new, empty ``session-<session id>`` directory; its absolute path."""
+        path = os.path.join(self.root, f"session-{session_id}")
         try:
             os.mkdir(path, 0o700)
         except FileNotFoundError:  # the root was removed while the daemon ran

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -303,3 +306,723 @@ class FakeClaudeTests(SynchronousTestCase):
         self.assertEqual((r.code, r.lines[-1]["is_error"], r.lines[-1]["subtype"]), (1, True, "success"))
         self.assertEqual(len({line["session_id"] for line in r.lines}), 1)
         self.assertNotEqual(r.lines[0]["session_id"], "159defd6-8b45-4966-87f4-f8dc97dceba8")
+
+
+# ---------------------------------------------------------------- SDK streaming mode
+
+SDK_FIXTURES = os.path.join(HERE, "fixtures", "claude-cli-sdk")
+SDK = ["--output-format", "stream-json", "--verbose", "--input-format", "stream-json"]
+STDIO = ["--permission-prompt-tool", "stdio"]
+TOOLU = re.compile(r"toolu_[0-9a-f]{24}")
+# the recordings' mock magic words, as the fake's knobs (SLOW: see translate)
+MAGIC = (
+    ("USE_BASH", "tool=Bash"),
+    ("ASK_USER", "tool=AskUserQuestion"),
+    ("HANG", "hang=1"),
+)
+
+
+def kind(obj: dict[str, Any]) -> str:
+    """type/subtype of a stdout line; for control lines, the subtype of the request or response inside."""
+    inner = obj.get({"control_response": "response", "control_request": "request"}.get(obj.get("type", ""), ""))
+    sub = inner.get("subtype") if isinstance(inner, dict) else obj.get("subtype")
+    return f"{obj.get('type')}/{sub}" if sub else str(obj.get("type"))
+
+
+def sdk_events(name: str) -> list[dict[str, Any]]:
+    with open(os.path.join(SDK_FIXTURES, name + ".jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def sdk_meta(name: str) -> dict[str, Any]:
+    with open(os.path.join(SDK_FIXTURES, name + ".json"), encoding="utf-8") as f:
+        meta: dict[str, Any] = json.load(f)
+    return meta
+
+
+def translate(line: str, slow: str) -> str:
+    """A recorded stdin line with the mock's magic words turned into the fake's knobs; SLOW (a reply that
+    takes seconds) becomes SLOW."""
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        return line
+    content = msg.get("message", {}).get("content") if isinstance(msg, dict) else None
+    if msg.get("type") != "user" or not isinstance(content, str):
+        return line
+    knobs = [knob for word, knob in MAGIC if word in content] + ([slow] if "SLOW" in content else [])
+    if content.startswith("BASH_CMD: "):
+        knobs.append("tool=Bash cmd=" + content[len("BASH_CMD: ") :].replace(" ", "_"))
+        if "time.sleep(" in content:  # a command that runs for a while
+            knobs.append("tool_ms=30000")
+    if not knobs:
+        return line
+    msg["message"]["content"] = f"{content} [[fake {' '.join(knobs)}]]"
+    return json.dumps(msg, separators=(",", ":"))
+
+
+class SdkProc:
+    """One fake in SDK mode over pipes; stdout is read with select, line by line, in the test's thread."""
+
+    def __init__(self, test: SynchronousTestCase, args: list[str], env: dict[str, str], cwd: str) -> None:
+        self.test = test
+        self.proc = subprocess.Popen(
+            [sys.executable, FAKE, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            bufsize=0,
+        )
+        test.addCleanup(self.kill)
+        self.t0 = time.monotonic()
+        self.raw: list[bytes] = []
+        self.lines: list[dict[str, Any]] = []
+        self.times: list[float] = []
+        self.buf = b""
+        self.eof = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                if pipe is not None:
+                    pipe.close()
+            except BrokenPipeError:
+                pass
+
+    def read(self, timeout: float) -> None:
+        """Read what stdout has within TIMEOUT (one chunk)."""
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, timeout))
+        if not ready:
+            return
+        chunk = os.read(self.proc.stdout.fileno(), 1 << 20)
+        if not chunk:
+            self.eof = True
+        self.buf += chunk
+        while b"\n" in self.buf:
+            line, _, self.buf = self.buf.partition(b"\n")
+            self.raw.append(line)
+            self.lines.append(json.loads(line))
+            self.times.append(time.monotonic() - self.t0)
+
+    def wait_lines(self, n: int, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.lines) < n and not self.eof and time.monotonic() < deadline:
+            self.read(deadline - time.monotonic())
+        self.test.assertGreaterEqual(
+            len(self.lines), n, f"{n} lines expected, got {[kind(x) for x in self.lines]} (eof={self.eof})"
+        )
+
+    def wait_for(self, pred: Callable[[dict[str, Any]], bool], start: int = 0, timeout: float = 10) -> int:
+        """The index of the first line from START on for which PRED holds."""
+        deadline = time.monotonic() + timeout
+        i = start
+        while True:
+            while i < len(self.lines):
+                if pred(self.lines[i]):
+                    return i
+                i += 1
+            left = deadline - time.monotonic()
+            if self.eof or left <= 0:
+                self.test.fail(f"no such line from {start} on: {[kind(x) for x in self.lines[start:]]}")
+            self.read(left)
+
+    def wait_kind(self, k: str, start: int = 0, timeout: float = 10) -> dict[str, Any]:
+        return self.lines[self.wait_for(lambda o: kind(o) == k, start, timeout)]
+
+    def quiet(self, seconds: float) -> bool:
+        """True if nothing came on stdout for SECONDS."""
+        n = len(self.lines)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.eof:
+            self.read(deadline - time.monotonic())
+        return len(self.lines) == n and not self.buf
+
+    def send(self, data: str | dict[str, Any]) -> None:
+        text = data if isinstance(data, str) else json.dumps(data)
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(text.encode() + b"\n")
+        except BrokenPipeError:
+            pass
+
+    def user(self, text: str, uuid: str | None = None) -> None:
+        msg: dict[str, Any] = {
+            "type": "user",
+            "message": {"role": "user", "content": text},
+            "parent_tool_use_id": None,
+            "session_id": "default",
+        }
+        if uuid:
+            msg["uuid"] = uuid
+        self.send(msg)
+
+    def control(self, request_id: str, subtype: str, **fields: Any) -> None:
+        self.send({"type": "control_request", "request_id": request_id, "request": {"subtype": subtype, **fields}})
+
+    def answer(self, request_id: str, response: dict[str, Any]) -> None:
+        self.send(
+            {
+                "type": "control_response",
+                "response": {"subtype": "success", "request_id": request_id, "response": response},
+            }
+        )
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+
+    def finish(self, timeout: float = 10) -> tuple[int, str]:
+        """Close stdin, read stdout to EOF; (exit code, stderr)."""
+        self.close()
+        deadline = time.monotonic() + timeout
+        while not self.eof and time.monotonic() < deadline:
+            self.read(deadline - time.monotonic())
+        self.test.assertTrue(self.eof, "stdout still open")
+        assert self.proc.stderr is not None
+        stderr = self.proc.stderr.read()
+        return self.proc.wait(timeout=timeout), stderr.decode()
+
+    def results(self) -> list[dict[str, Any]]:
+        return [x for x in self.lines if x.get("type") == "result"]
+
+
+class FakeSdkModeTests(SynchronousTestCase):
+    """SDK streaming mode (no -p, --input-format stream-json) against the recordings of the real CLI."""
+
+    def setUp(self) -> None:
+        self.state = os.path.abspath(self.mktemp())
+        self.cwd = os.path.abspath(self.mktemp())
+        os.makedirs(self.state)
+        os.makedirs(self.cwd)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_")}
+        self.env.update(FAKE_STATE_DIR=self.state, IS_SANDBOX="1")
+
+    def start(self, *args: str, **env: str) -> SdkProc:
+        return SdkProc(self, list(args), {**self.env, **env}, self.cwd)
+
+    def state_file(self, name: str) -> str:
+        with open(os.path.join(self.state, name), encoding="utf-8") as f:
+            return f.read()
+
+    def invocations(self) -> list[dict[str, Any]]:
+        return self.state_lines("invocations.jsonl")
+
+    def kill_if_alive(self, pid: int) -> None:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+    def state_lines(self, name: str) -> list[dict[str, Any]]:
+        path = os.path.join(self.state, name)
+        if not os.path.exists(path):
+            return []
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    # ---- conformance with the recordings
+
+    def replay(self, name: str) -> None:
+        """Drive the fake with recording NAME's stdin, in the recording's order relative to its stdout, and
+        hold its stdout, stderr and exit code to the recording's. Thread-safe: own state directory and cwd."""
+        state, cwd = os.path.join(self.state, name), os.path.join(self.cwd, name)
+        os.makedirs(os.path.join(state, "sessions"))
+        os.makedirs(cwd)
+        process = sdk_meta(name)["processes"][-1]  # s06: the SDK process after a -p run
+        events = sdk_events(name)
+        spawns = [i for i, e in enumerate(events) if e["dir"] == "event" and '"spawn"' in e["line"]]
+        events = events[spawns[-1] :]
+        workspace = json.dumps(cwd)[1:-1]
+        expected = [json.loads(e["line"].replace("<WORKSPACE>", workspace)) for e in events if e["dir"] == "out"]
+        expected_err = "".join(e["line"] + "\n" for e in events if e["dir"] == "err")
+        argv = process["argv"][1:]
+        flagged = [a.split("=", 1)[1] for a in argv if a.startswith("--session-id=")]
+        resumed = [a.split("=", 1)[1] for a in argv if a.startswith("--resume=")]
+        for known in resumed + (flagged if name == "s11c_session_id_reuse" else []):  # sessions that exist
+            with open(os.path.join(state, "sessions", known), "w") as f:
+                f.write(cwd)
+        # SLOW turns: a hang where the recording interrupts them, else a reply that takes 0.3 s per line
+        interrupted = any('"interrupt"' in e["line"] for e in events if e["dir"] == "in")
+        slow = "hang=1" if interrupted else "delay_ms=300"
+        fake = SdkProc(self, argv, {**self.env, "FAKE_STATE_DIR": state}, cwd)
+        ids: dict[str, str] = {}
+        seen = 0
+        for event in events:
+            if event["dir"] == "out":
+                seen += 1
+                continue
+            if event["dir"] == "err":
+                continue
+            what = json.loads(event["line"])["event"] if event["dir"] == "event" else "in"
+            if what not in ("in", "signal_sent", "stdin_closed"):
+                continue
+            if process["exit_code"] == 0 or seen:
+                fake.wait_lines(seen)
+            for recorded_line, fake_line in zip(expected[:seen], fake.lines, strict=False):
+                if recorded_line.get("type") == "control_request":
+                    ids[recorded_line["request_id"]] = fake_line["request_id"]
+            if what == "in":
+                line = translate(event["line"], slow)
+                for recorded, mine in ids.items():
+                    line = line.replace(recorded, mine)
+                fake.send(line)
+            elif what == "signal_sent":
+                fake.proc.send_signal(getattr(signal, json.loads(event["line"])["signal"]))
+            else:
+                fake.close()
+        code, stderr = fake.finish()
+        got = fake.lines
+        self.assertEqual([kind(x) for x in got], [kind(x) for x in expected], name)
+        self.assertEqual((code, stderr), (process["exit_code"], expected_err), name)
+        for want, have in zip(expected, got, strict=True):
+            where = f"{name}: {kind(want)}"
+            self.assertEqual(set(have) - {"fake"}, set(want), where)
+            if kind(want).startswith(("control_response/", "control_request/")):
+                inner = "response" if want["type"] == "control_response" else "request"
+                self.assertEqual(set(have[inner]), set(want[inner]), where)
+                if isinstance(want[inner].get("response"), dict):
+                    self.assertEqual(set(have[inner]["response"]), set(want[inner]["response"]), where)
+                if "pending_permission_requests" in want[inner]:  # initialize: this process, its open request
+                    self.assertEqual(have[inner]["response"]["pid"], fake.pid, where)
+                    asked = [x for x in got if kind(x) == "control_request/can_use_tool"]
+                    self.assertEqual(
+                        have[inner]["pending_permission_requests"],
+                        asked[-1:] if want[inner]["pending_permission_requests"] else [],
+                        where,
+                    )
+            if kind(want) == "system/init":
+                self.assertEqual(have["tools"], want["tools"], where)
+                self.assertEqual(have["cwd"], cwd, where)
+                self.assertEqual(have["fake"]["pid"], fake.pid, where)
+            if want.get("type") == "user":  # tool results and interruption markers, word for word
+                self.assertEqual(
+                    TOOLU.sub("toolu_X", json.dumps([have["message"], have.get("tool_use_result")])),
+                    TOOLU.sub("toolu_X", json.dumps([want["message"], want.get("tool_use_result")])),
+                    where,
+                )
+            if want.get("type") == "assistant":
+                parts = [{k: v for k, v in c.items() if k != "id"} for c in want["message"]["content"]]
+                if parts[0]["type"] == "tool_use" or want.get("aborted"):
+                    self.assertEqual(
+                        [{k: v for k, v in c.items() if k not in ("id", "text")} for c in have["message"]["content"]],
+                        [{k: v for k, v in c.items() if k != "text"} for c in parts],
+                        where,
+                    )
+            if kind(want) == "control_request/can_use_tool":
+                self.assertEqual(
+                    {k: v for k, v in have["request"].items() if k != "tool_use_id"},
+                    {k: v for k, v in want["request"].items() if k != "tool_use_id"},
+                    where,
+                )
+            if want.get("type") == "result":
+                for key in ("subtype", "is_error", "terminal_reason", "stop_reason", "num_turns", "errors"):
+                    self.assertEqual(have.get(key), want.get(key), f"{where} {key}")
+                self.assertEqual(
+                    [d["tool_name"] for d in have["permission_denials"]],
+                    [d["tool_name"] for d in want["permission_denials"]],
+                    where,
+                )
+        results, recorded_results = fake.results(), [x for x in expected if x.get("type") == "result"]
+        self.assertEqual([r["result_index"] for r in results], [r["result_index"] for r in recorded_results], name)
+        costs = [r["total_cost_usd"] for r in results]
+        self.assertEqual(costs, sorted(set(costs)), f"{name}: total_cost_usd grows with every result")
+        per_turn = [next(iter(r["model_usage_since_last_result"].values()))["costUSD"] for r in results]
+        for i, cost in enumerate(costs):
+            self.assertAlmostEqual(cost, sum(per_turn[: i + 1]), 9)
+        sids = {x["session_id"] for x in got if "session_id" in x}
+        self.assertLessEqual(len(sids), 1, name)
+        if (flagged or resumed) and sids:
+            self.assertEqual(sids, {(flagged or resumed)[0]}, name)
+
+    def test_conformance(self) -> None:
+        """For every replayable SDK recording, the fake answers the recorded stdin (magic words as knobs)
+        with the same sequence of line kinds, the same keys in every line (and inside control lines),
+        the same tool inputs, permission requests, tool results and result fields, the same result_index
+        sequence, a cumulative total_cost_usd, one session id (the --session-id one when given), and the
+        same exit code and stderr."""
+        names = (
+            "s01_init_three_turns",
+            "s01b_no_initialize",
+            "s01c_idle_before_first_message",
+            "s02a_cut_allow_updated_input",
+            "s02b_cut_deny_message",
+            "s02b2_cut_deny_interrupt",
+            "s02c_cut_no_answer_70s",
+            "s02c2_cut_no_answer_600s",
+            "s02d_cut_interrupt_pending",
+            "s02e_cut_allow_updated_permissions",
+            "s02e2_cut_allow_session_rule",
+            "s02e3_cut_allow_whole_tool_rule",
+            "s02f_cut_bare_allow",
+            "s02h_no_ppt_tool_use",
+            "s02i_cut_reinitialize_pending",
+            "s03a_interrupt_slow",
+            "s03c_interrupt_idle",
+            "s03d_interrupt_during_bash",
+            "s04a_queued_message",
+            "s04b_two_queued_with_uuid",
+            "s04c_queued_then_interrupt",
+            "s04d_interrupt_cancel_queued",
+            "s05_set_mode_model_misc",
+            "s05b_bypass_as_root",
+            "s06_resume_warm",
+            "s07a_eof_after_result",
+            "s07b_eof_midturn",
+            "s07c_sigint_idle",
+            "s07d_sigterm_idle",
+            "s07e_sigint_midturn",
+            "s07f_eof_pending_permission",
+            "s09_ask_user_question",
+            "s10_bad_stdin_lines",
+            "s10b_blank_and_unknown_type",
+            "s11a_session_id_flag",
+            "s11b_session_id_resume",
+            "s11c_session_id_reuse",
+        )
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            for future in [pool.submit(self.replay, name) for name in names]:
+                future.result()
+
+    # ---- knobs and behaviour the daemon's tests rely on
+
+    def test_hang_interrupt_then_next_turn(self) -> None:
+        """hang=1 stops after system/init; an interrupt request gets {"still_queued":[]}, then the aborted
+        assistant line, "[Request interrupted by user]" and an aborted_streaming result; the same process
+        (same pid, same session) then takes the next turn, whose prompt the model sees after the marker."""
+        fake = self.start(*SDK)
+        fake.user("wait [[fake hang=1]]")
+        init = fake.wait_kind("system/init")
+        self.assertTrue(fake.quiet(0.2))
+        fake.control("req_1", "interrupt")
+        n = fake.wait_for(lambda x: x.get("type") == "result")
+        self.assertEqual(
+            [kind(x) for x in fake.lines[1:]],
+            ["control_response/success", "assistant", "user", "result/error_during_execution"],
+        )
+        self.assertEqual(
+            fake.lines[1]["response"], {"subtype": "success", "request_id": "req_1", "response": {"still_queued": []}}
+        )
+        self.assertTrue(fake.lines[2]["aborted"])
+        self.assertEqual(
+            fake.lines[3]["message"]["content"], [{"type": "text", "text": "[Request interrupted by user]"}]
+        )
+        aborted = fake.lines[n]
+        self.assertEqual(
+            (aborted["terminal_reason"], aborted["is_error"], aborted["result_index"]), ("aborted_streaming", True, 0)
+        )
+        self.assertIsNone(fake.proc.poll())
+        fake.user("again")
+        second = fake.wait_kind("system/init", n + 1)
+        result = fake.wait_kind("result/success", n + 1)
+        self.assertEqual((second["fake"]["pid"], second["fake"]["turn"], init["fake"]["pid"]), (fake.pid, 1, fake.pid))
+        self.assertEqual(result["result_index"], 1)
+        self.assertTrue(result["result"].startswith("MOCK-REPLY: [Request interrupted by user]\n\nagain [len="))
+        self.assertEqual({x["session_id"] for x in fake.lines if "session_id" in x}, {init["session_id"]})
+        self.assertEqual(fake.finish(), (0, ""))
+        self.assertEqual(
+            [(t["pid"], t["turn"]) for t in self.state_lines("turns.jsonl")], [(fake.pid, 0), (fake.pid, 1)]
+        )
+
+    def test_die_crash_and_no_result(self) -> None:
+        """die=N exits N right after the turn's first assistant line (no result); no_result=1 writes the
+        turn without its result and exits 0; crash=1 dies by SIGSEGV after system/init, leaving its
+        grandchild (grandchild=1: `sleep 1000` in its own session) running."""
+        fake = self.start(*SDK)
+        fake.user("first [[fake die=3 lines=2]]")
+        self.assertEqual(fake.finish(), (3, ""))
+        self.assertEqual([kind(x) for x in fake.lines], ["system/init", "assistant"])
+        fake = self.start(*SDK)
+        fake.user("ok")
+        fake.wait_kind("result/success")
+        fake.user("then [[fake no_result=1]]")
+        code, _ = fake.finish()
+        self.assertEqual(
+            (code, [kind(x) for x in fake.lines]),
+            (0, ["system/init", "assistant", "result/success", "system/init", "assistant"]),
+        )
+        fake = self.start(*SDK)
+        fake.user("boom [[fake crash=1 grandchild=1]]")
+        self.assertEqual(fake.finish()[0], -signal.SIGSEGV)
+        grandchild = int(self.state_file("grandchildren"))
+        self.addCleanup(self.kill_if_alive, grandchild)
+        self.assertTrue(pid_alive(grandchild))
+
+    def test_tool_permission_allow_and_deny(self) -> None:
+        """tool=Bash with --permission-prompt-tool stdio: assistant text, tool_use, then a can_use_tool
+        request (UUID id) that waits for the host. allow + updatedInput runs the changed input (tools.jsonl)
+        and ends success with 2 model calls; deny + message gives an error tool_result with exactly that
+        message and the call in permission_denials; cmd= sets the command ('_' = space)."""
+        fake = self.start(*SDK, *STDIO, "--session-id=6a1e1ee5-0000-4000-8000-000000000001")
+        fake.user("do it [[fake tool=Bash]]")
+        request = fake.wait_kind("control_request/can_use_tool")
+        self.assertRegex(
+            request["request_id"], r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+        )
+        self.assertEqual(
+            request["request"]["input"], {"command": "echo hi > file.txt", "description": "Write hi to file.txt"}
+        )
+        self.assertEqual(
+            [kind(x) for x in fake.lines], ["system/init", "assistant", "assistant", "control_request/can_use_tool"]
+        )
+        self.assertTrue(fake.quiet(0.3))  # no time-out, no heartbeat
+        changed = {"command": "echo changed", "description": "host"}
+        fake.answer(request["request_id"], {"behavior": "allow", "updatedInput": changed})
+        result = fake.wait_kind("result/success")
+        tool_result = fake.lines[4]
+        self.assertEqual(tool_result["message"]["content"][0]["content"], "(Bash completed with no output)")
+        self.assertEqual((result["num_turns"], result["permission_denials"]), (2, []))
+        [ran] = self.state_lines("tools.jsonl")
+        self.assertEqual((ran["tool_name"], ran["input"]), ("Bash", changed))
+
+        fake.user("again [[fake tool=Bash cmd=rm_-rf_build]]")
+        request = fake.wait_kind("control_request/can_use_tool", 6)
+        self.assertEqual(request["request"]["input"], {"command": "rm -rf build", "description": "mock command"})
+        fake.answer(request["request_id"], {"behavior": "deny", "message": "Host says no"})
+        result = fake.wait_kind("result/success", 7)
+        denied = fake.lines[-3]["message"]["content"][0]
+        self.assertEqual((denied["content"], denied["is_error"]), ("Host says no", True))
+        self.assertEqual(
+            result["permission_denials"],
+            [{"tool_name": "Bash", "tool_use_id": denied["tool_use_id"], "tool_input": request["request"]["input"]}],
+        )
+        self.assertEqual(result["result_index"], 1)
+        self.assertEqual(fake.finish(), (0, ""))
+        self.assertEqual(len(self.state_lines("tools.jsonl")), 1)
+
+        # stdin closed right after the message, before (or while) the request is open: s07f's ending
+        fake = self.start(*SDK, *STDIO)
+        fake.user("last [[fake tool=Bash delay_ms=50]]")
+        fake.close()
+        self.assertEqual(fake.finish(), (0, ""))
+        closed = fake.lines[-3]["message"]["content"][0]["content"]
+        self.assertEqual(
+            closed, "Tool permission request failed: AbortError: Tool permission stream closed before response received"
+        )
+        self.assertEqual(fake.results()[0]["subtype"], "success")
+
+    def test_tool_allowed_without_asking(self) -> None:
+        """A tool named in --allowedTools (=VALUE, repeated, or the variadic form ended by --) or any tool
+        under --dangerously-skip-permissions runs with no can_use_tool; without --permission-prompt-tool
+        stdio a tool is auto-denied (system/permission_denied + an error tool_result, s02h)."""
+        variants = (
+            ["--allowedTools=Read", "--allowedTools=Bash"],
+            ["--allowedTools", "Read", "Bash", "--"],
+            ["--allowedTools=Read,Bash"],
+            ["--dangerously-skip-permissions"],
+        )
+        fakes = [self.start(*SDK, *STDIO, *args) for args in variants]
+        for fake in fakes:
+            fake.user("go [[fake tool=Bash]]")
+        for args, fake in zip(variants, fakes, strict=True):
+            fake.wait_kind("result/success")
+            self.assertEqual(fake.finish(), (0, ""))
+            self.assertEqual(
+                [kind(x) for x in fake.lines],
+                ["system/init", "assistant", "assistant", "user", "assistant", "result/success"],
+                args,
+            )
+            meta = fake.lines[3]["tool_result_meta"][0]["permission_decision"]
+            self.assertEqual(meta["source"], "config", args)
+        turns = {t["pid"]: t for t in self.state_lines("turns.jsonl")}
+        self.assertEqual([turns[f.pid]["allowed_tools"] for f in fakes], [["Read", "Bash"]] * 3 + [[]])
+        self.assertEqual([turns[f.pid]["skip_permissions"] for f in fakes], [False] * 3 + [True])
+        fake = self.start(*SDK)
+        fake.user("go [[fake tool=Bash]]")
+        result = fake.wait_kind("result/success")
+        self.assertIn("system/permission_denied", [kind(x) for x in fake.lines])
+        self.assertEqual([d["tool_name"] for d in result["permission_denials"]], ["Bash"])
+        self.assertEqual(fake.finish(), (0, ""))
+
+    def test_queued_messages_merge_into_one_turn(self) -> None:
+        """Messages written while a turn runs are queued; when it ends they run as ONE turn whose prompt is
+        their texts joined by a newline (list content: the text blocks), with one result; stdin EOF lets
+        the queued turn finish before exit 0."""
+        fake = self.start(*SDK)
+        fake.user("slow [[fake delay_ms=300]]")
+        fake.wait_kind("system/init")
+        fake.user("A")
+        fake.send({"type": "user", "message": {"role": "user", "content": [{"type": "text", "text": "B"}]}})
+        fake.close()
+        code, _ = fake.finish()
+        self.assertEqual(code, 0)
+        inits = [x for x in fake.lines if kind(x) == "system/init"]
+        self.assertEqual([i["fake"]["prompt"] for i in inits], ["slow [[fake delay_ms=300]]", "A\nB"])
+        self.assertEqual([r["result_index"] for r in fake.results()], [0, 1])
+        self.assertEqual([t["prompt"] for t in self.state_lines("turns.jsonl")], ["slow [[fake delay_ms=300]]", "A\nB"])
+
+    def test_state_files(self) -> None:
+        """invocations.jsonl gets one line per process (mode sdk, argv, session id, CLAUDESRV_* markers) at
+        start; stdin.jsonl every stdin line as received; turns.jsonl one line per turn with the tool options;
+        sessions/<id> appears with the first turn. Nothing is printed before the host writes."""
+        fake = self.start(*SDK, "--allowedTools=Bash(git *)", "--disallowedTools", "Write", "--", CLAUDESRV_MARK="m1")
+        self.assertTrue(fake.quiet(0.3))
+        [call] = self.invocations()
+        self.assertEqual(
+            (call["mode"], call["pid"], call["argv"][1:], call["env"]["CLAUDESRV_MARK"]),
+            ("sdk", fake.pid, [*SDK, "--allowedTools=Bash(git *)", "--disallowedTools", "Write", "--"], "m1"),
+        )
+        sid = call["session_id"]
+        fake.control("r1", "initialize")
+        fake.wait_kind("control_response/success")
+        self.assertFalse(os.path.exists(os.path.join(self.state, "sessions", sid)))
+        fake.send("")
+        fake.send('{"type":"user","message":{"role":"user","content":"one"}}\r')
+        fake.wait_kind("result/success")
+        self.assertEqual(self.state_file(f"sessions/{sid}"), self.cwd)
+        self.assertEqual(fake.finish(), (0, ""))
+        self.assertEqual(
+            self.state_lines("stdin.jsonl"),
+            [
+                {
+                    "pid": fake.pid,
+                    "line": '{"type": "control_request", "request_id": "r1", "request": {"subtype": "initialize"}}',
+                },
+                {"pid": fake.pid, "line": ""},
+                {"pid": fake.pid, "line": '{"type":"user","message":{"role":"user","content":"one"}}\r'},
+            ],
+        )
+        [turn] = self.state_lines("turns.jsonl")
+        self.assertEqual(
+            {
+                k: turn[k]
+                for k in (
+                    "pid",
+                    "session_id",
+                    "prompt",
+                    "turn",
+                    "allowed_tools",
+                    "disallowed_tools",
+                    "skip_permissions",
+                )
+            },
+            {
+                "pid": fake.pid,
+                "session_id": sid,
+                "prompt": "one",
+                "turn": 0,
+                "allowed_tools": ["Bash(git *)"],
+                "disallowed_tools": ["Write"],
+                "skip_permissions": False,
+            },
+        )
+        self.assertNotIn("Write", fake.lines[1]["tools"])
+
+    def test_session_ids(self) -> None:
+        """--session-id=ID is used as given and recorded at the first turn; a second process with the same
+        --session-id is refused (stderr, exit 1, no stdout: s11c); --resume=ID keeps ID; --resume of an
+        unknown UUID prints nothing until the host writes, then b4's one error result line, exit 1."""
+        sid = "5e551011-0000-4000-8000-00000000abcd"
+        fake = self.start(*SDK, f"--session-id={sid}")
+        fake.user("hello")
+        self.assertEqual(fake.wait_kind("result/success")["session_id"], sid)
+        self.assertEqual(fake.finish(), (0, ""))
+        again = self.start(*SDK, f"--session-id={sid}")
+        self.assertEqual(again.finish(), (1, f"Error: Session ID {sid} is already in use.\n"))
+        self.assertEqual(again.raw, [])
+        resumed = self.start(*SDK, f"--resume={sid}")
+        resumed.user("more")
+        self.assertEqual(resumed.wait_kind("result/success")["session_id"], sid)
+        self.assertEqual(resumed.finish(), (0, ""))
+        unknown = "0bad0bad-0000-4000-8000-000000000000"
+        refused = self.start(*SDK, f"--resume={unknown}")
+        self.assertTrue(refused.quiet(0.3))
+        refused.user("hello")
+        code, stderr = refused.finish()
+        [line] = refused.lines
+        self.assertEqual((code, line["type"], line["is_error"], line["session_id"]), (1, "result", True, unknown))
+        self.assertEqual(stderr, f"No conversation found with session ID: {unknown}\n")
+
+    def test_signals_and_grandchildren(self) -> None:
+        """SIGTERM exits 143 and SIGHUP 129 with nothing printed, killing the grandchild; with
+        ignore_signals=1 (from that turn on) SIGINT/SIGTERM are only logged and an interrupt request
+        still ends the hung turn; SIGINT idle exits 0 silently."""
+        fake = self.start(*SDK)
+        fake.user("bg [[fake grandchild=1]]")
+        fake.wait_kind("result/success")
+        grandchild = int(self.state_file("grandchildren"))
+        self.addCleanup(self.kill_if_alive, grandchild)
+        self.assertEqual(os.getsid(grandchild), grandchild)
+        fake.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(fake.finish(), (143, ""))
+        self.assertFalse(pid_alive(grandchild))
+        fake = self.start(*SDK)
+        fake.control("r1", "initialize")
+        fake.wait_kind("control_response/success")
+        fake.proc.send_signal(signal.SIGHUP)
+        self.assertEqual(fake.finish()[0], 129)
+        fake = self.start(*SDK)
+        fake.user("stubborn [[fake hang=1 ignore_signals=1]]")
+        fake.wait_kind("system/init")
+        fake.proc.send_signal(signal.SIGTERM)
+        fake.proc.send_signal(signal.SIGINT)
+        self.assertTrue(fake.quiet(0.2))
+        self.assertIsNone(fake.proc.poll())
+        fake.control("r2", "interrupt")
+        self.assertEqual(fake.wait_kind("result/error_during_execution")["terminal_reason"], "aborted_streaming")
+        fake.proc.send_signal(signal.SIGTERM)
+        self.assertTrue(fake.quiet(0.2))
+        fake.proc.kill()
+        logged = [line for line in self.state_file("signals.log").splitlines() if line.startswith(f"{fake.pid} ")]
+        self.assertEqual(sorted(logged), [f"{fake.pid} SIGINT", f"{fake.pid} SIGTERM", f"{fake.pid} SIGTERM"])
+        fake = self.start(*SDK)
+        fake.user("hi")
+        fake.wait_kind("result/success")
+        fake.proc.send_signal(signal.SIGINT)
+        fake.wait_lines(3)
+        self.assertEqual(fake.finish(), (0, ""))
+        self.assertEqual(len(fake.lines), 3)
+
+    def test_output_shapes_and_startup(self) -> None:
+        """lines/line_bytes/giant give exact line sizes (block=1 and split=1 change only the writes),
+        reply= sets the final text; FAKE_STARTUP_MS delays the first answer (from spawn), which comes
+        within a few tens of ms without it."""
+        fake = self.start(*SDK)
+        started = time.monotonic()
+        fake.control("r1", "initialize")
+        fake.wait_lines(1)
+        fast = time.monotonic() - started
+        fake.user("[[fake lines=3 line_bytes=3000 block=1]]")
+        fake.user("[[fake giant=3000000 split=1 reply=all_done]]")
+        fake.close()
+        self.assertEqual(fake.finish(), (0, ""))
+        sizes = [len(line) for line in fake.raw]
+        self.assertEqual(sizes[2:5], [3000] * 3)
+        self.assertEqual(sizes[7], 3000000)
+        self.assertEqual([r["result"] for r in fake.results()][1], "all done")
+        self.assertEqual(fake.lines[8]["message"]["content"][0]["text"], "all done")
+        slow = self.start(*SDK, FAKE_STARTUP_MS="400")
+        slow.control("r1", "initialize")
+        slow.wait_lines(1)
+        self.assertGreaterEqual(slow.times[0], 0.4)
+        self.assertLess(fast, 0.4)
+        self.assertEqual(slow.finish(), (0, ""))
+
+    def test_argv_errors(self) -> None:
+        """SDK mode needs --output-format stream-json and --verbose, and a UUID for --session-id; the errors
+        are the real CLI's, with nothing on stdout and exit 1."""
+        cases = (
+            (
+                ["--input-format", "stream-json", "--output-format", "text", "--verbose"],
+                "Error: --input-format=stream-json requires output-format=stream-json.\n",
+            ),
+            (
+                ["--input-format", "stream-json", "--output-format", "stream-json"],
+                "Error: When using --print, --output-format=stream-json requires --verbose\n",
+            ),
+            ([*SDK, "--session-id", "nope"], "Error: Invalid session ID. Must be a valid UUID.\n"),
+        )
+        fakes = [self.start(*args) for args, _ in cases]
+        for (args, message), fake in zip(cases, fakes, strict=True):
+            self.assertEqual(fake.finish(), (1, message), args)
+            self.assertEqual(fake.raw, [])

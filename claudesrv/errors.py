@@ -1,0 +1,57 @@
+"""
+Every refusal the HTTP API makes, in one shape: a status and ``{"error": {"code", "message", "field"?}}``.
+
+Routes and the guard raise or return L{ApiError}; nothing else writes an error body.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+log = Logger()
+
+
+class ApiError(Exception):
+    """A request refused before anything runs: the HTTP status, an error code, a message, maybe the field."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+    def as_json(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        return {"error": error}
+
+
+def invalid(field: str, message: str) -> ApiError:
+    return ApiError(400, "invalid_field", message, field)
+
+
+def unknown_session(session_id: str, field: str | None = None) -> ApiError:
+    return ApiError(404, "session_not_found", f"no session {session_id} on this server", field)
+
+
+def session_busy() -> ApiError:
+    return ApiError(409, "session_busy", "a turn of this session is still running; wait for it or cancel it")
+
+
+def json_body(request: IRequest, status: int, payload: dict[str, Any]) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(payload).encode() + b"\n"
+
+
+def error_body(request: IRequest, error: ApiError) -> bytes:
+    """The JSON answer to a refused request, logged without its body."""
+    log.info("{method} {path}: {status} {code}", method=request.method.decode("latin-1"),
+             path=request.path.decode("latin-1"), status=error.status, code=error.code)
+    return json_body(request, error.status, error.as_json())

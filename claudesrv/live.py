@@ -1,0 +1,456 @@
+"""
+A live session: one session's CLI process in SDK streaming mode, the turn it runs, and its event log.
+
+The process lives through an explicit state machine (L{TRANSITIONS}): cold -> starting -> idle <-> running
+-> stopping -> cold. A turn is one user message written to the process and every line the CLI prints up
+to and including that turn's ``result``; every line becomes an event in the session's log, and nothing
+here knows who reads it. The promises kept here:
+ - every turn ends with exactly one ``result`` event: the CLI's own, or one we write in its shape;
+ - stopping a turn asks the CLI first (the ``interrupt`` control request keeps the process warm), then
+   SIGINT, SIGTERM and SIGKILL to its process group, and afterwards no process it started is left;
+ - a tool that needs approval is denied with a message that says how to allow it.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from claudesrv import command
+from claudesrv.command import ClaudeRequest, SpawnOptions
+from claudesrv.eventlog import EventLog, event_line
+from claudesrv.process import CliProcess
+from claudesrv.timers import Timers
+
+log = Logger()
+
+COLD, STARTING, IDLE, RUNNING, STOPPING = "cold", "starting", "idle", "running", "stopping"
+
+#: (state, event) -> next state. Any other pair is a bug, and raises.
+TRANSITIONS: dict[tuple[str, str], str] = {
+    (COLD, "spawn"): STARTING,
+    (STARTING, "ready"): IDLE,
+    (STARTING, "begin"): RUNNING,
+    (IDLE, "begin"): RUNNING,
+    (RUNNING, "ready"): RUNNING,  # initialize answered while the first turn already runs
+    (RUNNING, "result"): IDLE,
+    (STARTING, "stop"): STOPPING,
+    (IDLE, "stop"): STOPPING,
+    (RUNNING, "stop"): STOPPING,
+    (STOPPING, "stop"): STOPPING,
+    (STOPPING, "ready"): STOPPING,
+    (STOPPING, "result"): STOPPING,
+    (STARTING, "gone"): COLD,
+    (IDLE, "gone"): COLD,
+    (RUNNING, "gone"): COLD,
+    (STOPPING, "gone"): COLD,
+}
+
+RESULT_MARK = b'"type":"result"'
+TERM_GRACE = 2.0
+STOP_REASONS = ("cancelled", "timeout", "server_shutdown")
+
+
+@dataclass
+class Limits:
+    """The operator's limits (see the options in L{claudesrv.tap})."""
+
+    max_runs: int = 4
+    max_queue: int = 32
+    max_live: int = 8
+    spares: int = 1
+    warm_idle: float = 600.0
+    run_timeout: float = 3600.0
+    idle_timeout: float = 600.0
+    keepalive: float = 15.0
+    kill_grace: float = 5.0
+    max_line: int = 1 << 20
+    log_max_bytes: int = 256 << 20
+    on_disconnect: str = "cancel"
+    deny_tools: tuple[str, ...] = ()
+    sandboxed: bool = False
+
+
+class Host(Protocol):
+    """What a live session needs from the registry that owns it."""
+
+    clock: IReactorTime
+    limits: Limits
+
+    def spawn_cli(self, session: LiveSession, options: SpawnOptions, resume: bool) -> CliProcess: ...
+
+    def sweep(self, marker: bytes) -> Deferred[None]: ...
+
+    def turn_ended(self, session: LiveSession, turn: Turn) -> None: ...
+
+    def became_idle(self, session: LiveSession) -> None: ...
+
+    def process_gone(self, session: LiveSession, unexpected: bool) -> None: ...
+
+    def forget_new_session(self, session: LiveSession) -> Deferred[None]: ...
+
+
+class Turn:
+    """One user message and its events; L{Turn.ended} fires once its result is in the log."""
+
+    def __init__(self, request: ClaudeRequest, session_id: str, new_session: bool, now: float) -> None:
+        self.request = request
+        self.session_id = session_id
+        self.new_session = new_session  # this turn made the session: a CLI that says nothing takes it back
+        self.turn_id = uuid.uuid4().hex
+        self.state = "queued"
+        self.kind = "cold"  # warm, spare or cold: how its process was found
+        self.start_offset = 0
+        self.end_offset: int | None = None
+        self.ended: Deferred[None] = Deferred()
+        self.stop_reason: str | None = None
+        self.timeout_kind: str | None = None
+        self.outcome = "ok"
+        self.exit_code: int | None = None
+        self.signal: int | None = None
+        self.output_seen = False
+        self.began = False
+        self.lines = 0
+        self.accepted_at = self.started_at = self.last_stdout = now
+
+
+class LiveSession:
+    """One session (or a spare waiting to become one): its process, its running turn, its log."""
+
+    def __init__(self, host: Host, session_id: str, workspace: str, log_: EventLog, spare: bool = False) -> None:
+        self.host = host
+        self.clock = host.clock
+        self.session_id = session_id
+        self.workspace = workspace
+        self.log = log_
+        self.spare = spare
+        self.known_to_cli = not spare  # False: the CLI has no transcript yet, start it with --session-id
+        self.state = COLD
+        self.process: CliProcess | None = None
+        self.options: SpawnOptions | None = None
+        self.turn: Turn | None = None
+        self.marker = b""
+        self.last_used = self.clock.seconds()
+        self.timers = Timers(self.clock)
+        self.forgotten = False  # a new session that never came to be: no row, its files go with the process
+        self.on_gone: list[Deferred[None]] = []
+        self._swept: Deferred[None] | None = None
+        self._stopping_on_purpose = False
+        self._piece_head = b""
+        self._piece_tail = b""
+        self._piece_result = False
+
+    def _move(self, event: str) -> None:
+        try:
+            self.state = TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise RuntimeError(f"session {self.session_id}: no transition from {self.state} on {event}") from None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def can_take(self, options: SpawnOptions) -> bool:
+        """A turn with these options can be written to the live process now."""
+        return self.state in (STARTING, IDLE) and self.options == options and self.turn is None
+
+    # ---------------------------------------------------------------- the process
+
+    def spawn(self, options: SpawnOptions) -> None:
+        """
+        Start the CLI: resume the session if the CLI knows it, else create it under our id. Raises what
+        the spawn raised (the session stays cold).
+        """
+        self.marker = b"CLAUDESRV_RUN_ID=" + uuid.uuid4().hex.encode()
+        self.process = self.host.spawn_cli(self, options, self.known_to_cli)
+        self._move("spawn")
+        self.options = options
+        self._swept = None
+        self._stopping_on_purpose = False
+        self.process.request("initialize", hooks=None).addCallback(self._initialized)
+
+    def _initialized(self, response: dict[str, Any]) -> None:
+        if self.state in (STARTING, RUNNING, STOPPING) and self.process is not None and not self.process.ended:
+            was = self.state
+            self._move("ready")
+            if was == STARTING:
+                self.host.became_idle(self)
+
+    def sleep(self, reason: str) -> None:
+        """Put an idle process to sleep: close its stdin, and if it does not exit, the signal ladder."""
+        if self.state not in (STARTING, IDLE) or self.process is None:
+            return
+        log.info("session {session_id}: CLI {pid} put to sleep ({reason})", session_id=self.session_id,
+                 pid=self.pid, reason=reason)
+        self._stop_process()
+
+    def _stop_process(self) -> None:
+        assert self.process is not None
+        self._move("stop")
+        self._stopping_on_purpose = True
+        self.timers.cancel("warm_idle")
+        self.process.close_stdin()
+        grace = self.host.limits.kill_grace
+        self.timers.set("sigterm", grace, lambda: self._signal(signal.SIGTERM))
+        self.timers.set("sigkill", grace + TERM_GRACE, self._kill)
+
+    def shutdown(self) -> None:
+        """The daemon stops: interrupt the turn, close stdin, then the ladder."""
+        if self.turn is not None:
+            self.interrupt("server_shutdown")
+        if self.process is not None and self.state != COLD:
+            self.process.close_stdin()
+            self._stopping_on_purpose = True
+            if self.state != STOPPING:
+                self._move("stop")
+            if not self.timers.active("sigint") and not self.timers.active("sigterm"):
+                grace = self.host.limits.kill_grace
+                self.timers.set("sigterm", grace, lambda: self._signal(signal.SIGTERM))
+                self.timers.set("sigkill", grace + TERM_GRACE, self._kill)
+
+    def _signal(self, signal_number: int) -> None:
+        if self.process is not None:
+            self.process.signal_group(signal_number)
+
+    def _kill(self) -> None:
+        if self.process is None or self.process.ended:
+            return
+        self.process.signal_group(signal.SIGKILL)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        if self._swept is None:
+            self._swept = self.host.sweep(self.marker)
+
+    # ---------------------------------------------------------------- turns
+
+    def begin(self, turn: Turn) -> None:
+        """Write the turn's message to the live process (which may still be starting)."""
+        assert self.process is not None and self.turn is None
+        self._move("begin")
+        self.timers.cancel("warm_idle")
+        self.turn = turn
+        turn.state = "running"
+        turn.began = True
+        turn.started_at = turn.last_stdout = self.clock.seconds()
+        self.process.send(command.user_message(turn.request.prompt))
+        limits = self.host.limits
+        self.timers.set_if("run_timeout", limits.run_timeout, lambda: self.interrupt("timeout", "run"))
+        self.timers.set_if("idle", limits.idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        turn = self.turn
+        if turn is None:
+            return
+        limit = self.host.limits.idle_timeout
+        quiet = self.clock.seconds() - turn.last_stdout
+        if quiet >= limit:
+            self.interrupt("timeout", "idle")
+        else:
+            self.timers.set("idle", limit - quiet, self._idle_check)
+
+    def interrupt(self, reason: str, timeout_kind: str | None = None) -> None:
+        """Stop the running turn: the interrupt request now; SIGINT, SIGTERM, SIGKILL if it does not end."""
+        turn = self.turn
+        if turn is None or turn.stop_reason is not None:
+            return
+        turn.stop_reason = reason
+        turn.timeout_kind = timeout_kind
+        log.info("turn {turn_id} of session {session_id} interrupted: {reason}", turn_id=turn.turn_id,
+                 session_id=self.session_id, reason=reason + (f" ({timeout_kind})" if timeout_kind else ""))
+        assert self.process is not None
+        self.process.request("interrupt")
+        grace = self.host.limits.kill_grace
+        self.timers.set("sigint", grace, lambda: self._signal(signal.SIGINT))
+        self.timers.set("sigterm", grace + TERM_GRACE, lambda: self._signal(signal.SIGTERM))
+        self.timers.set("sigkill", grace + 2 * TERM_GRACE, self._kill)
+
+    def _end_turn(self, line: bytes | None) -> None:
+        """The turn's result is in the log (C{line} None: it was written in pieces)."""
+        turn = self.turn
+        assert turn is not None
+        self.turn = None
+        self.timers.cancel("run_timeout", "idle", "sigint", "sigterm", "sigkill")
+        turn.state = "ended"
+        turn.end_offset = self.log.end
+        self.last_used = self.clock.seconds()
+        if self.state == RUNNING:
+            self._move("result")
+        self.log.turn_ended()
+        self.host.turn_ended(self, turn)
+        turn.ended.callback(None)
+        if self.state == IDLE:
+            self.host.became_idle(self)
+
+    # ---------------------------------------------------------------- what the CLI says (CliOwner)
+
+    def cli_lines(self, block: bytes) -> None:
+        turn = self.turn
+        if turn is None:
+            self.log.append_lines(block)
+            return
+        turn.last_stdout = self.clock.seconds()
+        turn.output_seen = True
+        if RESULT_MARK not in block:
+            turn.lines += block.count(b"\n")
+            self.log.append_lines(block)
+            return
+        lines = block.split(b"\n")
+        lines.pop()
+        for i, line in enumerate(lines):
+            result = _result_of(line) if RESULT_MARK in line else None
+            if result is None:
+                continue
+            if i:
+                self.log.append_lines(b"\n".join(lines[:i]) + b"\n")
+            turn.lines += i + 1
+            self.log.append(self._rewrite(turn, line, result))
+            self._end_turn(line)
+            rest = lines[i + 1:]
+            if rest:
+                self.cli_lines(b"\n".join(rest) + b"\n")
+            return
+        turn.lines += len(lines)
+        self.log.append_lines(block)
+
+    def _rewrite(self, turn: Turn, line: bytes, result: dict[str, Any]) -> bytes:
+        """A result of a turn we stopped says why (the CLI's own reason is kept beside it)."""
+        if result.get("is_error"):
+            turn.outcome = turn.stop_reason if turn.stop_reason in (*STOP_REASONS, "disconnected") else "error"
+        if turn.stop_reason not in STOP_REASONS:
+            return line
+        result["cli_terminal_reason"] = result.get("terminal_reason")
+        result["terminal_reason"] = turn.stop_reason
+        if turn.timeout_kind:
+            result["timeout"] = turn.timeout_kind
+        return json.dumps(result, separators=(",", ":")).encode()
+
+    def cli_piece(self, piece: bytes, first: bool, last: bool) -> None:
+        """A long line, logged as it arrives; a result is recognised from its head or a sliding window."""
+        turn = self.turn
+        if turn is not None:
+            turn.last_stdout = self.clock.seconds()
+            turn.output_seen = True
+        if first:
+            self._piece_head = piece[:32]
+            self._piece_tail = b""
+            self._piece_result = False
+        window = self._piece_tail + piece[:len(RESULT_MARK)]
+        if RESULT_MARK in window or RESULT_MARK in piece:
+            self._piece_result = True
+        self._piece_tail = (self._piece_tail + piece[-len(RESULT_MARK):])[-len(RESULT_MARK):]
+        self.log.append_piece(piece, first, last)
+        if last and turn is not None:
+            turn.lines += 1
+            head = self._piece_head
+            is_result = head.startswith(b'{"type":"result"') if head.startswith(b'{"type":"') else self._piece_result
+            if is_result:
+                self._end_turn(None)
+
+    def cli_control(self, message: dict[str, Any]) -> None:
+        """The CLI asks us something. Tools that need approval are denied (nobody can be asked yet)."""
+        if message.get("type") != "control_request" or self.process is None:
+            return  # control_cancel_request: nothing of ours is pending
+        request_id = str(message.get("request_id"))
+        request = message.get("request") or {}
+        if request.get("subtype") != "can_use_tool":
+            self.process.send(command.control_error(
+                request_id, f"claudesrv does not serve {request.get('subtype')!r} requests"))
+            return
+        tool = str(request.get("tool_name"))
+        text = (f"claudesrv: the tool {tool} needs approval, and nobody can be asked during this turn. "
+                f"Pre-approve it with allowedTools (for example [\"{tool}\"]), or start the turn with "
+                "dangerously-skip-permissions.")
+        self.process.send(command.control_response(request_id, {"behavior": "deny", "message": text}))
+        self.log.append_event({"type": "claudesrv", "subtype": "permission_denied", "tool_name": tool,
+                               "tool_use_id": request.get("tool_use_id"), "message": text})
+
+    def cli_exited(self) -> None:
+        """The CLI is gone: kill what it left (its group, and tools in sessions of their own)."""
+        if self.process is not None:
+            self.process.signal_group(signal.SIGKILL)
+        self._sweep()
+
+    def cli_ended(self, exit_code: int | None, signal_number: int | None, stderr: bytes) -> None:
+        self.timers.cancel("sigint", "sigterm", "sigkill", "warm_idle")
+        self._sweep()
+        assert self._swept is not None
+        unexpected = not self._stopping_on_purpose
+        if self.state != STOPPING:  # no turn may be written to it while it is swept
+            self._move("stop")
+        turn = self.turn
+        if turn is not None:
+            turn.exit_code = exit_code
+            turn.signal = signal_number
+            turn.outcome = "error"
+            if turn.new_session and not turn.output_seen:
+                d = self.host.forget_new_session(self)
+                d.addBoth(lambda _: self._synthetic_result(turn, exit_code, signal_number, stderr))
+                self._swept.addBoth(lambda _: d)
+            else:
+                self._synthetic_result(turn, exit_code, signal_number, stderr)
+        if turn is None and unexpected:
+            log.warn("session {session_id}: the idle CLI {pid} exited ({how}); the next turn resumes it cold",
+                     session_id=self.session_id, pid=self.pid,
+                     how=f"code {exit_code}" if exit_code is not None else f"signal {signal_number}")
+        self._swept.addBoth(lambda _: self._gone(unexpected))
+
+    def _synthetic_result(self, turn: Turn, exit_code: int | None, signal_number: int | None,
+                          stderr: bytes) -> None:
+        if self.turn is not turn:
+            return
+        how = f"exited with code {exit_code}" if exit_code is not None else f"was killed by signal {signal_number}"
+        text = stderr.decode("utf-8", "replace").strip()
+        message = f"the Claude CLI {how} without a result"
+        if text:
+            message += ": " + text.splitlines()[-1]
+        self.write_error_result(turn, message, turn.stop_reason or "cli_failed", exit_code=exit_code,
+                                signal=signal_number, stderr=stderr.decode("utf-8", "replace"))
+
+    def write_error_result(self, turn: Turn, message: str, reason: str, **extra: Any) -> None:
+        """The result event the CLI did not write, in the CLI's own shape; it ends the turn."""
+        payload: dict[str, Any] = {
+            "type": "result", "subtype": "error_during_execution", "is_error": True,
+            "session_id": self.session_id, "terminal_reason": reason, "errors": [message],
+            "exit_code": None, "signal": None, "stderr": "",
+        }
+        if turn.timeout_kind:
+            payload["timeout"] = turn.timeout_kind
+        payload.update(extra)
+        if turn.stop_reason in (*STOP_REASONS, "disconnected"):
+            turn.outcome = turn.stop_reason
+        else:
+            turn.outcome = "error"
+        if turn.state == "queued":  # never reached a process
+            turn.state = "running"
+            self.turn = turn
+        self.log.append(event_line(payload))
+        self._end_turn(None)
+
+    def _gone(self, unexpected: bool) -> None:
+        self.timers.cancel()
+        pid = self.pid
+        self.process = None
+        self.options = None
+        if self.state != COLD:
+            self._move("gone")
+        log.debug("session {session_id}: CLI {pid} gone", session_id=self.session_id, pid=pid)
+        self.host.process_gone(self, unexpected)
+        waiters, self.on_gone = self.on_gone, []
+        for d in waiters:
+            d.callback(None)
+
+
+def _result_of(line: bytes) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) and obj.get("type") == "result" else None
