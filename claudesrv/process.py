@@ -123,7 +123,7 @@ class CliOwner(Protocol):
         """The CLI has exited and its stdout is fully delivered."""
 
 
-CONTROL = b'{"type":"control_'
+CONTROL = (b'{"type":"control_', b'{"type": "control_')
 
 
 class CliProcess(ProcessProtocol):
@@ -132,8 +132,10 @@ class CliProcess(ProcessProtocol):
     kept apart from the events, and our control requests get their answers as Deferreds.
     """
 
-    def __init__(self, owner: CliOwner, max_line: int = 1 << 20) -> None:
+    def __init__(self, owner: CliOwner, max_line: int = 1 << 20,
+                 killpg: Callable[[int, int], None] = os.killpg) -> None:
         self.owner = owner
+        self.killpg = killpg
         self.splitter = LineSplitter(self, max_line)
         self.stderr = bytearray()
         self.ended = False
@@ -180,7 +182,7 @@ class CliProcess(ProcessProtocol):
         self.splitter.feed(data)
 
     def lines_received(self, block: bytes) -> None:
-        if CONTROL not in block:
+        if CONTROL[0] not in block and CONTROL[1] not in block:
             self.owner.cli_lines(block)
             return
         events: list[bytes] = []
@@ -241,7 +243,7 @@ class CliProcess(ProcessProtocol):
         if self.pgid is None or self.ended:
             return
         try:
-            os.killpg(self.pgid, signal_number)
+            self.killpg(self.pgid, signal_number)
         except ProcessLookupError:
             pass
         except PermissionError:

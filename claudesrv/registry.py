@@ -67,7 +67,8 @@ class SessionRegistry:
 
     def __init__(self, clock: IReactorTime, spawn: Spawner, store: SessionStore, workspaces: Workspaces,
                  executable: Callable[[], str], environ: dict[str, str], limits: Limits,
-                 events_dir: str) -> None:
+                 events_dir: str, kill: Callable[[list[bytes]], Deferred[None]] | None = None,
+                 killpg: Callable[[int, int], None] = os.killpg) -> None:
         self.clock = clock
         self.spawn = spawn
         self.store = store
@@ -76,6 +77,8 @@ class SessionRegistry:
         self.environ = environ
         self.limits = limits
         self.events_dir = events_dir
+        self.kill = kill or (lambda markers: deferToThread(kill_marked, markers))
+        self.killpg = killpg
         self.counters = Counters()
         self.sessions: dict[str, LiveSession] = {}
         self.spares: list[LiveSession] = []
@@ -295,7 +298,7 @@ class SessionRegistry:
         limits = self.limits
         argv = build_argv(self.executable(), options, session.session_id, resume, limits.deny_tools)
         env = build_env(self.environ, session.marker.split(b"=", 1)[1].decode(), limits.sandboxed)
-        process = CliProcess(session, limits.max_line)
+        process = CliProcess(session, limits.max_line, self.killpg)
         self.spawn(process, argv, env, session.workspace)
         self.live.add(session)
         self.counters.spawns += 1
@@ -325,7 +328,7 @@ class SessionRegistry:
                 d.callback(None)
             self._sweep_next()
 
-        deferToThread(kill_marked, [marker for marker, _ in batch]).addBoth(fire)
+        self.kill([marker for marker, _ in batch]).addBoth(fire)
 
     def turn_ended(self, session: LiveSession, turn: Turn) -> None:
         if self.turns.get(turn.session_id) is turn:

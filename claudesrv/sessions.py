@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
@@ -37,7 +38,8 @@ def transcript_paths(config_dir: str, session_ids: list[str]) -> list[str]:
 
 class Sessions:
     def __init__(self, store: SessionStore, workspaces: Workspaces, registry: SessionRegistry,
-                 environ: dict[str, str]) -> None:
+                 environ: dict[str, str], blocking: Callable[..., Deferred[Any]] = deferToThread) -> None:
+        self.blocking = blocking  # file-system work off the reactor thread (inline in tests)
         self.store = store
         self.workspaces = workspaces
         self.registry = registry
@@ -57,9 +59,9 @@ class Sessions:
             yield self.store.delete_workspace(group.workspace)
             for sid in group.session_ids:
                 self.registry.destroy_log(sid)
-            yield deferToThread(self.workspaces.remove, group.workspace)
+            yield self.blocking(self.workspaces.remove, group.workspace)
             if purge_transcript:
-                yield deferToThread(self._purge, group.session_ids)
+                yield self.blocking(self._purge, group.session_ids)
         finally:
             self.registry.deleting -= ids
         log.info("session {session_id} deleted with workspace {workspace}", session_id=group.session_id,

@@ -1,20 +1,24 @@
 """
-The session table: CLI session id -> workspace, in SQLite through adbapi.
+The session table: CLI session id -> workspace, in SQLite, through adbapi in the daemon.
 
 One connection only (cp_max=1): with more, a read-then-write interaction lost updates. WAL keeps
 readers off the writer's back and makes a commit cheap; every write is committed before it returns, so
-a session id handed to a client is already on disk when the client sees it.
+a session id handed to a client is already on disk when the client sees it. The SQL stays in this module;
+where it runs (a pool thread, or inline in tests) is a L{Database}, and times come from the injected clock.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorTime
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -59,64 +63,122 @@ def _open(connection: sqlite3.Connection) -> None:
     connection.execute("PRAGMA busy_timeout=5000")
 
 
-class SessionStore:
-    """Async access to the sessions table; every method returns a Deferred."""
+T = TypeVar("T")
+Interaction = Callable[..., T]
+
+
+class Database(Protocol):
+    """Where the store's SQL runs; each interaction is committed before its Deferred fires."""
+
+    def run(self, interaction: Interaction[T], *args: Any) -> Deferred[T]: ...
+
+    def close(self) -> None: ...
+
+
+class PooledSqlite:
+    """The daemon's: sqlite3 through adbapi, in a thread, on one connection."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
         self._pool = adbapi.ConnectionPool(
-            "sqlite3", path, check_same_thread=False, cp_min=1, cp_max=1, cp_openfun=_open,
-            cp_noisy=False,
-        )
+            "sqlite3", path, check_same_thread=False, cp_min=1, cp_max=1, cp_openfun=_open, cp_noisy=False)
 
-    @inlineCallbacks
-    def start(self) -> Any:
-        """Create the table if needed (the seed's schema, unchanged)."""
-        yield self._pool.runOperation(SCHEMA)
-        yield self._pool.runOperation(
-            "CREATE INDEX IF NOT EXISTS sessions_workspace ON sessions(workspace_path)")
+    def run(self, interaction: Interaction[T], *args: Any) -> Deferred[T]:
+        return cast("Deferred[T]", self._pool.runInteraction(interaction, *args))
 
     def close(self) -> None:
         self._pool.close()
 
+
+class InlineSqlite:
+    """sqlite3 in the caller's thread: the same SQL with no thread, for in-process tests."""
+
+    def __init__(self, path: str) -> None:
+        self._connection = sqlite3.connect(path)
+        _open(self._connection)
+
+    def run(self, interaction: Interaction[T], *args: Any) -> Deferred[T]:
+        cursor = self._connection.cursor()
+        try:
+            result = interaction(cursor, *args)
+        except Exception:
+            self._connection.rollback()
+            return fail()
+        self._connection.commit()
+        return succeed(result)
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def _execute(cursor: Any, sql: str, params: tuple[Any, ...]) -> None:
+    cursor.execute(sql, params)
+
+
+def _query(cursor: Any, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    cursor.execute(sql, params)
+    return list(cursor.fetchall())
+
+
+class SessionStore:
+    """Async access to the sessions table; every method returns a Deferred. Times come from C{clock}."""
+
+    def __init__(self, db: Database, clock: IReactorTime) -> None:
+        self.db = db
+        self.clock = clock
+
+    def now(self) -> str:
+        """The clock's time as SQLite's CURRENT_TIMESTAMP writes it (UTC, to the second)."""
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.clock.seconds()))
+
+    def _execute(self, sql: str, *params: Any) -> Deferred[None]:
+        return self.db.run(_execute, sql, params)
+
+    def _query(self, sql: str, *params: Any) -> Deferred[list[tuple[Any, ...]]]:
+        return self.db.run(_query, sql, params)
+
+    @inlineCallbacks
+    def start(self) -> Any:
+        """Create the table if needed (the seed's schema, unchanged)."""
+        yield self._execute(SCHEMA)
+        yield self._execute("CREATE INDEX IF NOT EXISTS sessions_workspace ON sessions(workspace_path)")
+
+    def close(self) -> None:
+        self.db.close()
+
     def record(self, session_id: str, workspace: str) -> Deferred[None]:
         """Insert the id, or mark it used again; the workspace of a known id never changes."""
-        return cast("Deferred[None]", self._pool.runOperation(
-            "INSERT INTO sessions (claude_session_id, workspace_path) VALUES (?, ?) "
-            "ON CONFLICT(claude_session_id) DO UPDATE SET last_used_at = CURRENT_TIMESTAMP",
-            (session_id, workspace)))
+        now = self.now()
+        return self._execute(
+            "INSERT INTO sessions (claude_session_id, workspace_path, created_at, last_used_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(claude_session_id) DO UPDATE SET last_used_at = excluded.last_used_at",
+            session_id, workspace, now, now)
 
     def lookup(self, session_id: str) -> Deferred[str | None]:
         """The stored workspace path of a session id, or None."""
-        d = self._pool.runQuery(
-            "SELECT workspace_path FROM sessions WHERE claude_session_id = ?", (session_id,))
-        return cast("Deferred[str | None]", d.addCallback(lambda rows: rows[0][0] if rows else None))
+        d = self._query("SELECT workspace_path FROM sessions WHERE claude_session_id = ?", session_id)
+        return d.addCallback(lambda rows: rows[0][0] if rows else None)
 
     def touch(self, session_id: str) -> Deferred[None]:
-        return cast("Deferred[None]", self._pool.runOperation(
-            "UPDATE sessions SET last_used_at = CURRENT_TIMESTAMP WHERE claude_session_id = ?",
-            (session_id,)))
+        return self._execute("UPDATE sessions SET last_used_at = ? WHERE claude_session_id = ?",
+                             self.now(), session_id)
 
     def groups(self, limit: int, offset: int) -> Deferred[list[SessionGroup]]:
         """Sessions grouped by workspace (a resumed session that got a new id is one group),
         the most recently used first."""
-        d = self._pool.runQuery(GROUPS + " ORDER BY last DESC, newest DESC LIMIT ? OFFSET ?", (limit, offset))
-        return cast("Deferred[list[SessionGroup]]", d.addCallback(_groups))
+        d = self._query(GROUPS + " ORDER BY last DESC, newest DESC LIMIT ? OFFSET ?", limit, offset)
+        return d.addCallback(_groups)
 
     def group_of(self, session_id: str) -> Deferred[SessionGroup | None]:
-        d = self._pool.runQuery(
-            GROUPS.replace("GROUP BY", "WHERE workspace_path = (SELECT workspace_path FROM sessions "
-                                       "WHERE claude_session_id = ?) GROUP BY"), (session_id,))
-        return cast("Deferred[SessionGroup | None]", d.addCallback(lambda rows: next(iter(_groups(rows)), None)))
+        d = self._query(GROUPS.replace("GROUP BY", "WHERE workspace_path = (SELECT workspace_path FROM sessions "
+                                                   "WHERE claude_session_id = ?) GROUP BY"), session_id)
+        return d.addCallback(lambda rows: next(iter(_groups(rows)), None))
 
     def idle_since(self, cutoff: str) -> Deferred[list[SessionGroup]]:
         """Groups whose last use is older than C{cutoff} ('YYYY-MM-DD HH:MM:SS', UTC)."""
-        d = self._pool.runQuery(GROUPS + " HAVING last < ?", (cutoff,))
-        return cast("Deferred[list[SessionGroup]]", d.addCallback(_groups))
+        return self._query(GROUPS + " HAVING last < ?", cutoff).addCallback(_groups)
 
     def delete_workspace(self, workspace: str) -> Deferred[None]:
-        return cast("Deferred[None]", self._pool.runOperation(
-            "DELETE FROM sessions WHERE workspace_path = ?", (workspace,)))
+        return self._execute("DELETE FROM sessions WHERE workspace_path = ?", workspace)
 
     def ping(self) -> Deferred[Any]:
-        return self._pool.runQuery("SELECT 1")
+        return self._query("SELECT 1")

@@ -33,7 +33,7 @@ from claudesrv.metrics import registry_for
 from claudesrv.process import spawner
 from claudesrv.registry import SessionRegistry
 from claudesrv.sessions import Readiness, Sessions
-from claudesrv.store import SessionStore
+from claudesrv.store import PooledSqlite, SessionStore
 from claudesrv.workspaces import Workspaces
 
 log = Logger()
@@ -223,7 +223,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     os.makedirs(data_dir, exist_ok=True)
     environ = dict(os.environ)
     environ.pop("CLAUDESRV_AUTH_TOKENS", None)  # read already; no child process gets the clients' tokens
-    store = SessionStore(os.path.join(data_dir, "sessions.db"))
+    store = SessionStore(PooledSqlite(os.path.join(data_dir, "sessions.db")), reactor)
     workspaces = Workspaces(os.path.join(data_dir, "Workspace"))
     cli = ClaudeExecutable(options["claude"], environ)
     limits = Limits(

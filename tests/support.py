@@ -37,6 +37,7 @@ class SSEParser:
         self.buffer = bytearray()
         self.frames: list[bytes] = []
         self.comments: list[bytes] = []
+        self.ids: list[int] = []
         self.raw = bytearray()
 
     def feed(self, data: bytes) -> None:
@@ -52,6 +53,9 @@ class SSEParser:
             if block.startswith(b":"):
                 self.comments.append(block)
             else:
+                if block.startswith(b"id: "):
+                    self.ids.append(int(block[4:block.index(b"\n")]))
+                    block = block[block.index(b"\n") + 1:]
                 assert block.startswith(b"data: "), block[:80]
                 assert b"\n" not in block, "one data line per event"
                 self.frames.append(block[len(b"data: "):])
