@@ -196,24 +196,25 @@ class LiveSession:
         self._move("stop")
         self._stopping_on_purpose = True
         self.timers.cancel("warm_idle")
-        self.process.close_stdin()
         grace = self.host.limits.kill_grace
         self.timers.set("sigterm", grace, lambda: self._signal(signal.SIGTERM))
         self.timers.set("sigkill", grace + TERM_GRACE, self._kill)
+        self.process.close_stdin()  # may end it at once
 
     def shutdown(self) -> None:
         """The daemon stops: interrupt the turn, close stdin, then the ladder."""
         if self.turn is not None:
             self.interrupt("server_shutdown")
-        if self.process is not None and self.state != COLD:
-            self.process.close_stdin()
-            self._stopping_on_purpose = True
-            if self.state != STOPPING:
-                self._move("stop")
-            if not self.timers.active("sigint") and not self.timers.active("sigterm"):
-                grace = self.host.limits.kill_grace
-                self.timers.set("sigterm", grace, lambda: self._signal(signal.SIGTERM))
-                self.timers.set("sigkill", grace + TERM_GRACE, self._kill)
+        if self.process is None or self.state == COLD:
+            return
+        if self.state != STOPPING:
+            self._move("stop")
+        self._stopping_on_purpose = True
+        if not self.timers.active("sigkill"):
+            grace = self.host.limits.kill_grace
+            self.timers.set("sigterm", grace, lambda: self._signal(signal.SIGTERM))
+            self.timers.set("sigkill", grace + TERM_GRACE, self._kill)
+        self.process.close_stdin()  # may end it at once
 
     def _signal(self, signal_number: int) -> None:
         if self.process is not None:
@@ -266,11 +267,11 @@ class LiveSession:
         log.info("turn {turn_id} of session {session_id} interrupted: {reason}", turn_id=turn.turn_id,
                  session_id=self.session_id, reason=reason + (f" ({timeout_kind})" if timeout_kind else ""))
         assert self.process is not None
-        self.process.request("interrupt")
         grace = self.host.limits.kill_grace
         self.timers.set("sigint", grace, lambda: self._signal(signal.SIGINT))
         self.timers.set("sigterm", grace + TERM_GRACE, lambda: self._signal(signal.SIGTERM))
         self.timers.set("sigkill", grace + 2 * TERM_GRACE, self._kill)
+        self.process.request("interrupt")  # its result may end the turn (and these timers) at once
 
     def _end_turn(self, line: bytes | None) -> None:
         """The turn's result is in the log (C{line} None: it was written in pieces)."""

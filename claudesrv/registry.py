@@ -91,6 +91,7 @@ class SessionRegistry:
         self.accepting = True
         self._spare_retry_at = 0.0
         self._dispatching = False
+        self._dispatch_again = False
         self._all_gone: list[Deferred[None]] = []
         self._sweep_pending: list[tuple[bytes, Deferred[None]]] = []
         self._sweeping = False
@@ -209,12 +210,16 @@ class SessionRegistry:
     def _dispatch(self) -> None:
         """Start queued turns in order while a run slot and a process can be had."""
         if self._dispatching:
+            self._dispatch_again = True  # something changed while dispatching (a process went at once)
             return
         self._dispatching = True
         try:
-            while self.queue and self.accepting and self.running < self.limits.max_runs:
-                if not self._start_head():
-                    break
+            self._dispatch_again = True
+            while self._dispatch_again:
+                self._dispatch_again = False
+                while self.queue and self.accepting and self.running < self.limits.max_runs:
+                    if not self._start_head():
+                        break
         finally:
             self._dispatching = False
 
@@ -368,6 +373,7 @@ class SessionRegistry:
             if unexpected:
                 log.warn("a spare CLI exited on its own; spares pause for {s:g} s", s=SPARE_RETRY)
                 self._spare_retry_at = self.clock.seconds() + SPARE_RETRY
+                self.clock.callLater(SPARE_RETRY, self._fill_spares)
             self.workspaces.remove_if_empty(session.workspace)
         elif session.forgotten:
             self._discard(session)
@@ -440,10 +446,10 @@ class SessionRegistry:
         for sid in session_ids:
             session = self.sessions.get(sid)
             if session is not None and session.process is not None:
-                self._sleep(session, "deleted")
                 d: Deferred[None] = Deferred()
                 session.on_gone.append(d)
                 waits.append(d)
+                self._sleep(session, "deleted")
         return gatherResults(waits).addCallback(lambda _: None)
 
     def destroy_log(self, session_id: str) -> None:

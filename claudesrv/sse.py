@@ -179,15 +179,16 @@ class SseSink:
         self.finished = True
         self.timers.cancel()
         self.log.unfollow(self)
-        self.request.unregisterProducer()
 
     def _finish(self) -> None:
         if self.finished:
             return
         self._release()
+        self.request.unregisterProducer()
         self.done.callback(b"")
 
     def _gone(self, why: str) -> None:
+        """The connection is gone (or going): nothing more is written, and nothing is unregistered."""
         if not self.finished:
             self._release()
             self.on_gone(why)

@@ -101,6 +101,7 @@ class ScriptedCli:
         self.pid = pid
         self.session_id = next(a.split("=", 1)[1] for a in argv if a.startswith(("--session-id=", "--resume=")))
         self.stdin: list[dict[str, Any]] = []
+        self.answers: list[dict[str, Any]] = []
         self.buffer = b""
         self.alive = True
         self.turns = 0
@@ -108,6 +109,7 @@ class ScriptedCli:
         self.holding = world.hold_turns
         self.signals: list[int] = []
         self.ignore_signals = False
+        self.ignore_interrupt = False
         self.transport = FakeTransport(self, pid)
 
     # ---------------------------------------------------------------- what the host writes
@@ -122,17 +124,24 @@ class ScriptedCli:
             self._answer(message)
 
     def _answer(self, message: dict[str, Any]) -> None:
+        if self.world.silent:
+            return
         if message["type"] == "control_request":
             request_id = message["request_id"]
             subtype = message["request"]["subtype"]
             if subtype == "initialize":
                 self.say(INIT_RESPONSE.replace('"req_1_2935e6d0"', json.dumps(request_id)))
             elif subtype == "interrupt":
+                if self.ignore_interrupt:
+                    return
                 self.say(json.dumps({"type": "control_response", "response": {
                     "subtype": "success", "request_id": request_id, "response": {"still_queued": []}}},
                     separators=(",", ":")))
                 if self.in_turn:
                     self.end_turn(interrupted=True)
+            return
+        if message["type"] == "control_response":
+            self.answers.append(message["response"])
             return
         if message["type"] == "user":
             self.turns += 1
@@ -159,6 +168,14 @@ class ScriptedCli:
         for line in lines:
             self.say(line.replace(sid, self.session_id))
         self.in_turn = False
+
+    def ask(self) -> str:
+        """A can_use_tool request as s02a shows it; its request id."""
+        for direction, line in recording("s02a_cut_allow_updated_input"):
+            if direction == "out" and '"subtype":"can_use_tool"' in line:
+                self.say(line)
+                return str(json.loads(line)["request_id"])
+        raise AssertionError("no can_use_tool in the recording")
 
     def hold(self) -> None:
         """Later turns stay open (after their system/init) until L{end_turn} or an interrupt."""
@@ -199,6 +216,7 @@ class FakeWorld:
         self.clis: list[ScriptedCli] = []
         self.next_pid = 40000
         self.hold_turns = False
+        self.silent = False  # new CLIs print nothing at all
         self.fail_spawn: Exception | None = None
         self.swept: list[bytes] = []
 
@@ -261,18 +279,24 @@ class Daemon:
 
     def post(self, body: dict[str, Any]) -> Stream:
         """Start a POST /api/claude and read what has arrived so far."""
+        return self._stream(lambda: self.http.post("http://localhost/api/claude", json=body))
+
+    def events(self, session_id: str, query: str = "", headers: dict[str, str] | None = None) -> Stream:
+        return self._stream(lambda: self.http.get(f"http://localhost/api/sessions/{session_id}/events{query}",
+                                                  headers=headers or {}))
+
+    def _stream(self, send: Any) -> Stream:
         stream = Stream(self)
-        d = self.http.post("http://localhost/api/claude", json=body)
+        pumps = self._pumps()
+        before = set(pumps)
+        d = send()
+        stream.pump = next(iter(set(pumps) - before))
         d.addCallback(stream.response)
         self.pump()
         return stream
 
-    def events(self, session_id: str, query: str = "", headers: dict[str, str] | None = None) -> Stream:
-        stream = Stream(self)
-        d = self.http.get(f"http://localhost/api/sessions/{session_id}/events{query}", headers=headers or {})
-        d.addCallback(stream.response)
-        self.pump()
-        return stream
+    def _pumps(self) -> set[Any]:
+        return self.http._agent._pumps  # type: ignore[attr-defined,no-any-return]
 
     def call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
         """A plain JSON request, answered at once."""
@@ -300,6 +324,7 @@ class Stream:
         self.sse = SSEParser()
         self.done = False
         self.body: Deferred[Any] | None = None
+        self.pump: Any = None
 
     def response(self, response: Any) -> None:
         self.code = response.code
@@ -329,6 +354,6 @@ class Stream:
                 for e in self.events()]
 
     def disconnect(self) -> None:
-        assert self.body is not None
-        self.body.cancel()
+        """The client's connection drops."""
+        self.pump.clientIO.abortConnection()
         self.daemon.pump()
