@@ -15,8 +15,8 @@ import treq
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from tests.support import Daemon, SSEParser, pid_alive, post, wait_for
 from tests.rawhttp import raw_post
+from tests.support import Daemon, SSEParser, pid_alive, post, wait_for
 
 
 def turns(daemon: Daemon) -> list[dict[str, Any]]:
@@ -35,7 +35,7 @@ def stdin_of(daemon: Daemon, pid: int) -> list[dict[str, Any]]:
 
 
 @inlineCallbacks
-def get_stream(url: str, headers: dict[str, str] | None = None) -> Any:
+def get_stream(url: str, headers: dict[str | bytes, str | bytes] | None = None) -> Any:
     response = yield treq.get(url, headers=headers or {}, persistent=False)
     sse = SSEParser()
     yield treq.collect(response, sse.feed)
@@ -46,7 +46,7 @@ class LiveDaemonTests(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def test_warm_process_across_turns_and_spare(self) -> None:
+    def test_warm_process_across_turns_and_spare(self) -> Any:
         """A new session takes the spare (its pre-chosen id is the session's), a spare is started in its
         place, and follow-up turns go to the same warm pid."""
         daemon = yield Daemon(self, "--spares", "1").start()
@@ -64,7 +64,7 @@ class LiveDaemonTests(TestCase):
         self.assertNotIn(f"--session-id={sid}", daemon.invocations()[1]["argv"])
 
     @inlineCallbacks
-    def test_disconnect_interrupts_then_delete_leaves_no_process(self) -> None:
+    def test_disconnect_interrupts_then_delete_leaves_no_process(self) -> Any:
         """A client that drops a hung turn interrupts it (the CLI stays warm); deleting the session then
         ends the CLI and the tool process it left in a session of its own."""
         daemon = yield Daemon(self, "--spares", "0").start()
@@ -85,7 +85,7 @@ class LiveDaemonTests(TestCase):
         yield wait_for(lambda: not any(pid_alive(g) for g in daemon.grandchildren()))
 
     @inlineCallbacks
-    def test_log_outlives_the_daemon_and_shutdown_is_prompt(self) -> None:
+    def test_log_outlives_the_daemon_and_shutdown_is_prompt(self) -> Any:
         """A turn's events, a line larger than the in-memory limit among them, are replayed byte-exact by
         a restarted daemon; shutdown with a hung turn ends it and every process within kill-grace + 5 s."""
         daemon = yield Daemon(self, "--spares", "0", "--kill-grace", "1").start()
