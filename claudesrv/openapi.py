@@ -36,11 +36,15 @@ OPENAPI: dict[str, Any] = {
                 "session_id": {"type": "string", "format": "uuid"},
                 "dangerously-skip-permissions": {"type": "boolean"},
                 "allowedTools": {"type": "array", "items": {"type": "string", "minLength": 1}},
-                "disallowedTools": {"type": "array", "items": {"type": "string", "minLength": 1}}}},
+                "disallowedTools": {"type": "array", "items": {"type": "string", "minLength": 1}},
+                "detach": {"type": "boolean", "description": "keep the turn running if the client goes away"}}},
             "Session": {"type": "object", "properties": {
                 "session_id": {"type": "string"}, "session_ids": {"type": "array", "items": {"type": "string"}},
                 "workspace": {"type": "string"}, "created_at": {"type": "string"},
-                "last_used_at": {"type": "string"}, "running": {"type": "boolean"}}},
+                "last_used_at": {"type": "string"}, "running": {"type": "boolean"},
+                "state": {"type": "string", "enum": ["cold", "starting", "idle", "running", "stopping"]},
+                "pid": {"type": "integer", "nullable": True}, "last_event_id": {"type": "integer"},
+                "queued": {"type": "boolean"}}},
         },
     },
     "security": [{"bearer": []}],
@@ -49,7 +53,9 @@ OPENAPI: dict[str, Any] = {
             "summary": "Start (no session_id) or resume a session; streams the CLI's lines as SSE",
             "requestBody": {"required": True,
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Turn"}}}},
-            "responses": {"200": {"description": "data: <stream-json line> events, ending with one result",
+            "responses": {"200": {"description": "id: <n> + data: <stream-json line> events, ending with one "
+                                                 "result; the session id is in the X-Session-Id header",
+                                  "headers": {"X-Session-Id": {"schema": {"type": "string", "format": "uuid"}}},
                                   "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                           **_errors(400, 404, 409, 410, 413, 415, 503, *_COMMON)}}},
         "/api/sessions": {"get": {
@@ -69,8 +75,19 @@ OPENAPI: dict[str, Any] = {
             "delete": {"summary": "Delete a session, its ids and its workspace", "parameters": [
                 _SESSION_ID, {"name": "purge_transcript", "in": "query", "schema": {"type": "boolean"}}],
                        "responses": {"204": {"description": "Deleted"}, **_errors(404, 409, *_COMMON)}}},
+        "/api/sessions/{session_id}/events": {"get": {
+            "summary": "Replay the session's events after Last-Event-ID (or ?after=), then follow the running turn",
+            "parameters": [_SESSION_ID,
+                           {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer", "minimum": 0}},
+                           {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                           {"name": "follow", "in": "query",
+                            "schema": {"type": "string", "enum": ["turn", "session"], "default": "turn"}}],
+            "responses": {"200": {"description": "id: <n> + data: <event> frames; a gap event first if older "
+                                                 "events were dropped",
+                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                          **_errors(400, 404, *_COMMON)}}},
         "/api/sessions/{session_id}/cancel": {"post": {
-            "summary": "Interrupt the session's running turn", "parameters": [_SESSION_ID],
+            "summary": "Interrupt the session's running (or queued) turn", "parameters": [_SESSION_ID],
             "responses": {"202": {"description": "Cancelling; the stream ends with its result"},
                           **_errors(404, 409, *_COMMON)}}},
         "/healthz": {"get": {"summary": "Liveness (no auth)", "security": [],
