@@ -437,7 +437,7 @@ class LiveSession:
 
     def _gone(self, unexpected: bool) -> None:
         self.timers.cancel()
-        pid = self.pid
+        pid = self.process.pgid if self.process is not None else None
         self.process = None
         self.options = None
         if self.state != COLD:

@@ -355,6 +355,12 @@ class SessionRegistry:
         if not session.forgotten:
             self.store.touch(turn.session_id).addErrback(
                 lambda f: log.failure("could not mark session {sid} used", f, sid=turn.session_id))
+        if session.process is None and self.sessions.get(turn.session_id) is session:
+            if turn.new_session and not turn.output_seen:  # a new session that never reached a CLI
+                self.forget_new_session(session).addBoth(lambda _: self._discard(session))
+            else:
+                del self.sessions[turn.session_id]
+                self.release_log(turn.session_id)
         self.clock.callLater(0, self._after_turn)
 
     def _after_turn(self) -> None:

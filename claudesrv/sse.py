@@ -161,8 +161,9 @@ class SseSink:
         if self.finished:
             return
         silent = self.clock.seconds() - self.last_write
-        if silent >= self.keepalive and not self.paused:
-            self._write(KEEPALIVE)
+        if silent >= self.keepalive:
+            if not self.paused:  # a paused client has unread bytes already
+                self._write(KEEPALIVE)
             silent = 0
         self.timers.set("keepalive", self.keepalive - silent, self._keepalive)
 

@@ -136,6 +136,7 @@ class WarmTurns(LiveTestCase):
         waiting = d.post({"prompt": "b"})
         waiting.disconnect()
         self.assertEqual(len(d.registry.queue), 0)
+        self.assertEqual(len(self.rows()), 1)  # the new session that never ran is not left half-made
         d.world.clis[0].end_turn()
         d.pump()
         self.assertEqual(len(d.world.clis), 1)
@@ -331,6 +332,7 @@ class Stopping(LiveTestCase):
         stream = d.post({"prompt": "a"})
         self.assertTrue(stream.done)
         self.assertEqual(stream.events()[-1]["terminal_reason"], "spawn_failed")
+        self.assertEqual((self.rows(), os.listdir(os.path.join(self.base, "Workspace"))), ([], []))
 
     def test_tool_needing_approval_is_denied_with_a_message(self) -> None:
         """A can_use_tool request is answered deny, with a message saying how to allow the tool, and the
