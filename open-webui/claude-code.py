@@ -510,8 +510,10 @@ def status_for_event(event: dict[str, Any]) -> str | None:
     if kind == "system" and subtype == "api_retry":
         return (f"API error {event.get('error_status', '')}, retrying "
                 f"({event.get('attempt', '?')}/{event.get('max_retries', '?')})…")
-    if kind == "system" and subtype == "permission_denied":
+    if kind in ("system", "claudesrv") and subtype == "permission_denied":
         return f"Permission denied: {event.get('tool_name', 'a tool')}"
+    if kind == "claudesrv" and subtype == "queued":
+        return f"Waiting for a free Claude Code process (position {event.get('position', '?')})…"
     if kind == "assistant":
         message = event.get("message")
         content = message.get("content") if isinstance(message, dict) else None

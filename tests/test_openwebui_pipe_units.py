@@ -259,6 +259,10 @@ class SSEDecoderTests(SynchronousTestCase):
         self.assertEqual(self.decode([b": keepalive\n\ndata: x\n\n: keepalive\n\n"]), ["x"])
         self.assertEqual(self.decode([b": keepalive\n\n" * 3]), [])
 
+    def test_event_ids_are_not_data(self) -> None:
+        """The daemon's `id:` lines (event numbers for reattaching) are not part of the data."""
+        self.assertEqual(self.decode([b'id: 7\ndata: {"a": 1}\n\nid: 8\ndata: x\n\n']), ['{"a": 1}', "x"])
+
     def test_multiline_data_is_joined(self) -> None:
         """Several data lines of one event join with a newline."""
         self.assertEqual(self.decode([b"data: a\ndata: b\ndata: c\n\n"]), ["a\nb\nc"])
@@ -564,6 +568,14 @@ class RenderTests(SynchronousTestCase):
         """A successful result repeats the last text, so it adds nothing; nor do system events."""
         self.assertEqual(pipe_module.render_event(RESULT_OK, valves()), "")
         self.assertEqual(pipe_module.render_event(INIT, valves()), "")
+
+    def test_server_events_become_status_lines(self) -> None:
+        """claudesrv's own events (a queued turn, a tool denied by the server) show as status lines."""
+        self.assertIn("position 2", pipe_module.status_for_event({"type": "claudesrv", "subtype": "queued",
+                                                                   "position": 2}))
+        denied = {"type": "claudesrv", "subtype": "permission_denied", "tool_name": "Bash"}
+        self.assertEqual(pipe_module.status_for_event(denied), "Permission denied: Bash")
+        self.assertEqual(pipe_module.render_event(denied, valves()), "")
 
     def test_thinking_only_when_asked(self) -> None:
         """Thinking blocks are hidden unless show_thinking is on."""
