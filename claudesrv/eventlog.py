@@ -2,8 +2,8 @@
 The durable event log of one session: every event gets the session's next sequence number and is stored
 as the SSE frame that carries it (``id: <seq>\\ndata: <event>\\n\\n``), so a replay is a copy of bytes.
 
-The log is a folder of segment files under the data directory (never in the workspace the CLI can write),
-one segment per turn, named after the first sequence number it holds. Positions are byte offsets that
+The log is a folder of segment files under the data directory (never in the workspace the CLI can write);
+each segment starts with a turn and holds whole turns, and is named after the first sequence number in it. Positions are byte offsets that
 grow for the life of the log object; followers are told of every append and of every turn end, and read
 what they missed from disk. When the log grows past its bound the oldest whole turns are dropped, but
 never a segment a follower is still reading.
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 SUFFIX = ".sse"
+SEGMENT_BYTES = 1 << 20  # turns share a segment until it holds this much
 ID = b"id: "
 
 
@@ -129,8 +130,11 @@ class EventLog:
         return self.segments[0].first_seq if self.segments else self.next_seq
 
     def begin_turn(self) -> int:
-        """A new segment for a turn that starts now; its start offset."""
-        if self._fd >= 0 and self.segments and self.segments[-1].size == 0:
+        """
+        A turn starts now; its start offset. It gets a new segment unless the current one is still small
+        (so a session of many short turns is not a folder of many tiny files).
+        """
+        if self._fd >= 0 and self.segments and self.segments[-1].size < min(SEGMENT_BYTES, self.max_bytes // 8):
             return self.end
         self._close_fd()
         os.makedirs(self.directory, mode=0o700, exist_ok=True)

@@ -384,6 +384,8 @@ class LiveSession:
         self._sweep()
         assert self._swept is not None
         unexpected = not self._stopping_on_purpose
+        if b"already in use" in stderr:  # the CLI has this session after all: resume it from now on
+            self.known_to_cli = True
         if self.state != STOPPING:  # no turn may be written to it while it is swept
             self._move("stop")
         turn = self.turn
