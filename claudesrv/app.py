@@ -129,6 +129,9 @@ class ClaudeAPI:
             raise ApiError(503, "cli_not_found", f"the Claude CLI {self.cli.name!r} was not found: {INSTALL_HINT}")
         if turn.session_id is None:
             return self._submit(request, turn, None)
+        live = self.live.sessions.get(turn.session_id)
+        if live is not None and not live.forgotten:  # known and warm: no database round trip first
+            return self._submit(request, turn, live.workspace)
         d: Deferred[Any] = self.store.lookup(turn.session_id)
         d.addCallback(self._resume, request, turn)
         return d
@@ -166,9 +169,7 @@ class ClaudeAPI:
         except OSError as e:
             raise ApiError(500, "workspace_error", f"could not create the workspace: {e.strerror}") from None
         if not turn.new_session:
-            self.store.touch(turn.session_id).addErrback(
-                lambda f: log.failure("could not mark session {sid} used", f, sid=turn.session_id))
-            return self._stream(request, turn)
+            return self._stream(request, turn)  # marked used when the turn ends
         workspace = self.live.sessions[turn.session_id].workspace
         d = self.store.record(turn.session_id, workspace)
 

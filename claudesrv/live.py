@@ -92,6 +92,8 @@ class Host(Protocol):
 
     def became_idle(self, session: LiveSession) -> None: ...
 
+    def turn_output(self, session: LiveSession, turn: Turn) -> None: ...
+
     def process_gone(self, session: LiveSession, unexpected: bool) -> None: ...
 
     def forget_new_session(self, session: LiveSession) -> Deferred[None]: ...
@@ -166,7 +168,8 @@ class LiveSession:
     def spawn(self, options: SpawnOptions) -> None:
         """
         Start the CLI: resume the session if the CLI knows it, else create it under our id. Raises what
-        the spawn raised (the session stays cold).
+        the spawn raised (the session stays cold). A spare is sent ``initialize`` so that it does its
+        start-up now and says when it is ready; a process started for a waiting turn gets the turn.
         """
         self.marker = b"CLAUDESRV_RUN_ID=" + uuid.uuid4().hex.encode()
         self.process = self.host.spawn_cli(self, options, self.known_to_cli)
@@ -174,7 +177,8 @@ class LiveSession:
         self.options = options
         self._swept = None
         self._stopping_on_purpose = False
-        self.process.request("initialize", hooks=None).addCallback(self._initialized)
+        if self.spare:
+            self.process.request("initialize", hooks=None).addCallback(self._initialized)
 
     def _initialized(self, response: dict[str, Any]) -> None:
         if self.state in (STARTING, RUNNING, STOPPING) and self.process is not None and not self.process.ended:
@@ -298,10 +302,12 @@ class LiveSession:
             self.log.append_lines(block)
             return
         turn.last_stdout = self.clock.seconds()
-        turn.output_seen = True
+        if not turn.output_seen:
+            turn.output_seen = True
+            self.host.turn_output(self, turn)
         if RESULT_MARK not in block:
-            turn.lines += block.count(b"\n")
-            self.log.append_lines(block)
+            first = self.log.next_seq
+            turn.lines += self.log.append_lines(block) - first + 1
             return
         lines = block.split(b"\n")
         lines.pop()

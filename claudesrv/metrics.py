@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from claudesrv.live import IDLE
 from claudesrv.openapi import OPENAPI
 from claudesrv.registry import SessionRegistry
 
@@ -52,6 +53,8 @@ class RegistryCollector:
         yield live
         yield GaugeMetricFamily("claudesrv_spares", "Spare CLI processes (started ahead for new sessions).",
                                 value=len(r.spares))
+        yield GaugeMetricFamily("claudesrv_spares_ready", "Spares that have finished starting.",
+                                value=sum(1 for s in r.spares if s.state == IDLE))
         yield GaugeMetricFamily("claudesrv_turns_running", "Turns running now.", value=r.running)
         yield GaugeMetricFamily("claudesrv_turns_queued", "Turns waiting for a run slot or a process.",
                                 value=len(r.queue))

@@ -11,6 +11,7 @@ arrives, so a 64 MiB line costs the server no more memory than a short one.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -31,7 +32,8 @@ from claudesrv import command
 log = Logger()
 
 STDERR_KEEP = 4096
-READ_SIZE = 1 << 16  # Twisted's ProcessReader reads 8 KiB a call
+READ_SIZE = 1 << 18  # Twisted's ProcessReader reads 8 KiB a call
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 class LineSink(Protocol):
@@ -261,7 +263,17 @@ def _ignored_signals() -> list[int]:
 
 
 class _LargeReader(process.ProcessReader):
-    """Reads the CLI's stdout and stderr C{READ_SIZE} bytes at a time."""
+    """
+    Reads the CLI's stdout and stderr C{READ_SIZE} bytes at a time, from a pipe that can hold that much
+    (a CLI writes a line per write: a larger pipe means fewer wake-ups of both sides per megabyte).
+    """
+
+    def __init__(self, reactor: Any, proc: Any, name: Any, fileno: int) -> None:
+        super().__init__(reactor, proc, name, fileno)
+        try:
+            fcntl.fcntl(fileno, F_SETPIPE_SZ, READ_SIZE)
+        except OSError:
+            pass  # above /proc/sys/fs/pipe-max-size: the default size works too
 
     def doRead(self) -> Any:
         try:

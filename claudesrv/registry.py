@@ -202,8 +202,7 @@ class SessionRegistry:
         for spare in self.spares:
             if spare.can_take(options):
                 self.spares.remove(spare)
-                spare.spare = False
-                self.clock.callLater(0, self._fill_spares)
+                spare.spare = False  # replaced once its first turn has printed (or ended): not before
                 return spare
         return None
 
@@ -285,6 +284,7 @@ class SessionRegistry:
             spare = LiveSession(self, new_id, workspace,
                                 EventLog(os.path.join(self.events_dir, new_id), self.limits.log_max_bytes),
                                 spare=True)
+            spare.log.begin_turn()  # its folder and first segment now, not when a client waits
             try:
                 spare.spawn(self._spare_options())
             except Exception as e:
@@ -367,6 +367,11 @@ class SessionRegistry:
         self._dispatch()
         self._fill_spares()
 
+    def turn_output(self, session: LiveSession, turn: Turn) -> None:
+        """A turn's first line: a spare it took may be replaced now without delaying it."""
+        if turn.kind == "spare":
+            self.clock.callLater(0, self._fill_spares)
+
     def became_idle(self, session: LiveSession) -> None:
         if not session.spare:
             session.timers.set_if("warm_idle", self.limits.warm_idle, lambda: self._sleep(session, "idle"))
@@ -380,6 +385,7 @@ class SessionRegistry:
                 log.warn("a spare CLI exited on its own; spares pause for {s:g} s", s=SPARE_RETRY)
                 self._spare_retry_at = self.clock.seconds() + SPARE_RETRY
                 self.clock.callLater(SPARE_RETRY, self._fill_spares)
+            session.log.destroy()
             self.workspaces.remove_if_empty(session.workspace)
         elif session.forgotten:
             self._discard(session)

@@ -54,8 +54,8 @@ class WarmTurns(LiveTestCase):
         [cli] = d.world.clis
         self.assertIn(f"--session-id={sid}", cli.argv)
         self.assertFalse([a for a in cli.argv if a.startswith("--resume")])
-        self.assertEqual([m["type"] for m in cli.stdin], ["control_request", "user", "user", "user"])
-        self.assertEqual([m["message"]["content"] for m in cli.stdin[1:]], ["one", "two", "three"])
+        self.assertEqual([m["type"] for m in cli.stdin], ["user", "user", "user"])  # no initialize
+        self.assertEqual([m["message"]["content"] for m in cli.stdin], ["one", "two", "three"])
         self.assertEqual({e["session_id"] for s in (first, *later) for e in s.events()}, {sid})
         self.assertEqual(cli.cwd, os.path.join(self.base, "Workspace", f"session-{sid}"))
         self.assertEqual(d.registry.counters.starts, {"cold": 1, "warm": 2})
@@ -191,6 +191,7 @@ class Spares(LiveTestCase):
         spare.exit(1)
         d.pump()
         self.assertEqual(os.listdir(os.path.join(self.base, "Workspace")), [])
+        self.assertEqual(os.listdir(os.path.join(self.base, "events")), [])
         self.assertEqual(len(d.world.clis), 1)
         d.clock.advance(31)
         self.assertEqual(len(d.world.clis), 2)
@@ -284,7 +285,7 @@ class Stopping(LiveTestCase):
         d.world.hold_turns = True
         d.post({"prompt": "a"}).disconnect()
         [cli] = d.world.clis
-        self.assertEqual([m["type"] for m in cli.stdin], ["control_request", "user"])
+        self.assertEqual([m["type"] for m in cli.stdin], ["user"])  # no interrupt followed
 
     def test_process_dying_mid_turn_and_between_turns(self) -> None:
         """A CLI that dies mid-turn ends the turn with one synthetic result naming the exit; one that dies
