@@ -347,30 +347,37 @@ class SessionRegistry:
         if turn.exit_code is not None or turn.signal is not None:
             _bump(c.exit_codes, str(turn.exit_code) if turn.exit_code is not None else f"signal {turn.signal}")
         c.lines_logged += turn.lines
-        now = self.clock.seconds()
-        log.info("turn {turn_id} session {session_id}: {outcome}, {kind}, exit {exit_code} signal {signal}, "
-                 "{duration:.3f}s, {lines} lines", turn_id=turn.turn_id, session_id=turn.session_id,
-                 outcome=turn.outcome, kind=turn.kind, exit_code=turn.exit_code, signal=turn.signal,
-                 duration=now - turn.accepted_at, lines=turn.lines)
-        if not session.forgotten:
-            self.store.touch(turn.session_id).addErrback(
-                lambda f: log.failure("could not mark session {sid} used", f, sid=turn.session_id))
         if session.process is None and self.sessions.get(turn.session_id) is session:
             if turn.new_session and not turn.output_seen:  # a new session that never reached a CLI
                 self.forget_new_session(session).addBoth(lambda _: self._discard(session))
             else:
                 del self.sessions[turn.session_id]
                 self.release_log(turn.session_id)
-        self.clock.callLater(0, self._after_turn)
+        self._after_io(self._after_turn, session, turn)
 
-    def _after_turn(self) -> None:
+    def _after_io(self, fn: Callable[..., object], *args: Any) -> None:
+        """
+        Call C{fn} once the reactor has done its next round of I/O: the client's last frames leave
+        before the bookkeeping (and a spawn, which takes milliseconds) runs. A plain callLater(0) would
+        run before the writes.
+        """
+        self.clock.callLater(0, self.clock.callLater, 0, fn, *args)
+
+    def _after_turn(self, session: LiveSession, turn: Turn) -> None:
+        log.info("turn {turn_id} session {session_id}: {outcome}, {kind}, exit {exit_code} signal {signal}, "
+                 "{duration:.3f}s, {lines} lines", turn_id=turn.turn_id, session_id=turn.session_id,
+                 outcome=turn.outcome, kind=turn.kind, exit_code=turn.exit_code, signal=turn.signal,
+                 duration=self.clock.seconds() - turn.accepted_at, lines=turn.lines)
+        if not session.forgotten:
+            self.store.touch(turn.session_id).addErrback(
+                lambda f: log.failure("could not mark session {sid} used", f, sid=turn.session_id))
         self._dispatch()
         self._fill_spares()
 
     def turn_output(self, session: LiveSession, turn: Turn) -> None:
         """A turn's first line: a spare it took may be replaced now without delaying it."""
         if turn.kind == "spare":
-            self.clock.callLater(0, self._fill_spares)
+            self._after_io(self._fill_spares)
 
     def became_idle(self, session: LiveSession) -> None:
         if not session.spare:

@@ -309,8 +309,10 @@ class Daemon:
         return code, json.loads(body) if body else None
 
     def pump(self) -> None:
-        self.http.flush()
-        self.clock.advance(0)
+        """Deliver what is in flight, and run what the daemon left for after its I/O."""
+        for _ in range(3):
+            self.http.flush()
+            self.clock.advance(0)
         self.http.flush()
 
 
