@@ -69,7 +69,7 @@ class EventLog:
         self.appended = 0  # bytes written by this object, for the metrics
         self.closed = False
         self._fd = -1
-        self._piece = False
+        self._segment_due = False
 
     @classmethod
     def open(cls, directory: str, max_bytes: int) -> EventLog:
@@ -129,14 +129,27 @@ class EventLog:
         """The oldest sequence number still on disk (next_seq when the log is empty)."""
         return self.segments[0].first_seq if self.segments else self.next_seq
 
-    def begin_turn(self) -> int:
+    def begin_turn(self, now: bool = False) -> int:
         """
-        A turn starts now; its start offset. It gets a new segment unless the current one is still small
-        (so a session of many short turns is not a folder of many tiny files).
+        A turn starts; its start offset. It gets a new segment unless the current one is still small (so a
+        session of many short turns is not a folder of many tiny files). The segment's file is made with
+        the turn's first event, or C{now}.
         """
         if self._fd >= 0 and self.segments and self.segments[-1].size < min(SEGMENT_BYTES, self.max_bytes // 8):
             return self.end
         self._close_fd()
+        self._segment_due = True
+        if now:
+            self._open_segment()
+        return self.end
+
+    def _ready(self) -> None:
+        """A segment to append to, made before the sequence numbers it is named after are taken."""
+        if (self._fd < 0 or self._segment_due) and not self.closed:
+            self._open_segment()
+
+    def _open_segment(self) -> None:
+        self._segment_due = False
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         path = os.path.join(self.directory, f"{self.next_seq:012d}{SUFFIX}")
         if self.segments and self.segments[-1].path == path:  # an empty segment left by the last daemon
@@ -144,10 +157,10 @@ class EventLog:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
         self.segments.append(Segment(self.next_seq, self.end, 0, path))
         self._trim()
-        return self.end
 
     def append_lines(self, block: bytes) -> int:
         """Complete lines, each ending in a newline, one event each; the last sequence number given."""
+        self._ready()
         lines = block.split(b"\n")
         lines.pop()
         seq = self.next_seq
@@ -163,6 +176,7 @@ class EventLog:
 
     def append(self, line: bytes) -> int:
         """One event (a line without its newline); its sequence number."""
+        self._ready()
         seq = self.next_seq
         self.next_seq += 1
         self._write(frame(seq, line))
@@ -174,12 +188,11 @@ class EventLog:
     def append_piece(self, piece: bytes, first: bool, last: bool) -> None:
         """A piece of one long event, stored and relayed as it comes (the event is never held whole)."""
         if first:
-            self._piece = True
+            self._ready()
             seq = self.next_seq
             self.next_seq += 1
             piece = b"id: %d\ndata: %b" % (seq, piece)
         if last:
-            self._piece = False
             piece += b"\n\n"
         if piece:
             self._write(piece)
@@ -191,8 +204,6 @@ class EventLog:
     def _write(self, data: bytes) -> None:
         if self.closed:
             return
-        if self._fd < 0:
-            self.begin_turn()
         start = self.end
         view = memoryview(data)
         while view:

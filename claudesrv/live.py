@@ -205,10 +205,10 @@ class LiveSession:
         self.timers.set("sigkill", grace + TERM_GRACE, self._kill)
         self.process.close_stdin()  # may end it at once
 
-    def shutdown(self) -> None:
-        """The daemon stops: interrupt the turn, close stdin, then the ladder."""
+    def shutdown(self, reason: str = "server_shutdown") -> None:
+        """The daemon stops (or the session is abandoned): interrupt the turn, close stdin, then the ladder."""
         if self.turn is not None:
-            self.interrupt("server_shutdown")
+            self.interrupt(reason)
         if self.process is None or self.state == COLD:
             return
         if self.state != STOPPING:

@@ -252,9 +252,9 @@ class CliProcess(ProcessProtocol):
             log.warn("no permission to signal process group {pgid}", pgid=self.pgid)
 
 
-# the signals a shell or nohup may leave ignored (subprocess itself restores SIGPIPE and SIGXFSZ)
-_WATCHED_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2,
-                    signal.SIGALRM, signal.SIGCHLD, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+# The signals the CLI must not inherit as ignored: the stop ladder's. (A daemon started with `cmd &` from a
+# script also ignores SIGQUIT; that one may stay ignored, and must not cost every spawn a fork of the daemon.)
+_WATCHED_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
 
 
 def _ignored_signals() -> list[int]:

@@ -186,16 +186,18 @@ class SessionRegistry:
                 {"type": "claudesrv", "subtype": "queued", "position": self.queue.index(turn) + 1})
 
     def abandon(self, turn: Turn) -> None:
-        """An admitted turn that will not run (its session's row could not be recorded)."""
-        self.turns.pop(turn.session_id, None)
-        turn.state = "ended"
+        """A new session whose row could not be recorded: its turn is stopped, and it leaves nothing."""
         session = self.sessions.get(turn.session_id)
         if session is None or not turn.new_session:
             return
         session.forgotten = True
+        if turn in self.queue:
+            self._unqueue(session, turn, "the session could not be recorded", "error")
         if session.process is not None:
-            session.sleep("abandoned")
-        else:
+            session.shutdown("error")  # the process goes, and the session's files with it
+        elif turn.state == "queued":  # admitted, never started
+            self.turns.pop(turn.session_id, None)
+            turn.state = "ended"
             self._discard(session)
 
     def _take_spare(self, options: SpawnOptions) -> LiveSession | None:
@@ -284,7 +286,7 @@ class SessionRegistry:
             spare = LiveSession(self, new_id, workspace,
                                 EventLog(os.path.join(self.events_dir, new_id), self.limits.log_max_bytes),
                                 spare=True)
-            spare.log.begin_turn()  # its folder and first segment now, not when a client waits
+            spare.log.begin_turn(now=True)  # its folder and first segment now, not when a client waits
             try:
                 spare.spawn(self._spare_options())
             except Exception as e:

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar, cast
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -114,6 +115,14 @@ def _execute(cursor: Any, sql: str, params: tuple[Any, ...]) -> None:
     cursor.execute(sql, params)
 
 
+def _execute_many(cursor: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    cursor.executemany(sql, rows)
+
+
+RECORD = ("INSERT INTO sessions (claude_session_id, workspace_path, created_at, last_used_at) VALUES (?, ?, ?, ?) "
+          "ON CONFLICT(claude_session_id) DO UPDATE SET last_used_at = excluded.last_used_at")
+
+
 def _query(cursor: Any, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
     cursor.execute(sql, params)
     return list(cursor.fetchall())
@@ -125,6 +134,8 @@ class SessionStore:
     def __init__(self, db: Database, clock: IReactorTime) -> None:
         self.db = db
         self.clock = clock
+        self._records: list[tuple[tuple[str, str, str, str], Deferred[None]]] = []
+        self._recording = False
 
     def now(self) -> str:
         """The clock's time as SQLite's CURRENT_TIMESTAMP writes it (UTC, to the second)."""
@@ -146,12 +157,33 @@ class SessionStore:
         self.db.close()
 
     def record(self, session_id: str, workspace: str) -> Deferred[None]:
-        """Insert the id, or mark it used again; the workspace of a known id never changes."""
+        """
+        Insert the id, or mark it used again; the workspace of a known id never changes. Records asked for
+        while one is being written are written together, in one transaction (a burst of new sessions costs
+        a few commits, not one each).
+        """
+        d: Deferred[None] = Deferred()
         now = self.now()
-        return self._execute(
-            "INSERT INTO sessions (claude_session_id, workspace_path, created_at, last_used_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(claude_session_id) DO UPDATE SET last_used_at = excluded.last_used_at",
-            session_id, workspace, now, now)
+        self._records.append(((session_id, workspace, now, now), d))
+        if not self._recording:
+            self._write_records()
+        return d
+
+    def _write_records(self) -> None:
+        batch, self._records = self._records, []
+        self._recording = bool(batch)
+        if not batch:
+            return
+
+        def written(result: object) -> None:
+            for _, d in batch:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(None)
+            self._write_records()
+
+        self.db.run(_execute_many, RECORD, [row for row, _ in batch]).addBoth(written)
 
     def lookup(self, session_id: str) -> Deferred[str | None]:
         """The stored workspace path of a session id, or None."""

@@ -177,6 +177,10 @@ class ClaudeService(service.Service):
                      name=self.cli.name, hint=INSTALL_HINT)
         reactor: Any = self.registry.clock
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.reload_tokens))
+        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            # started as `twistd ... &` from a script: keep ignoring SIGINT, but with a handler, which exec
+            # resets, so the CLIs get SIGINT's default and can be spawned without forking the daemon
+            signal.signal(signal.SIGINT, lambda *_: None)
         self.ready = self.store.start()
         self.ready.addErrback(lambda f: log.failure("could not open the session database", f))
         self.ready.addCallback(lambda _: self.registry.open() if self.cli.find() is not None else None)
