@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, FirstError, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -171,13 +171,20 @@ class ClaudeAPI:
         if not turn.new_session:
             return self._stream(request, turn)  # marked used when the turn ends
         workspace = self.live.sessions[turn.session_id].workspace
-        d = self.store.record(turn.session_id, workspace)
+        # a plain Deferred in front: Klein's cancel (the client left) must reach the stream chained to it
+        d: Deferred[Any] = Deferred()
+        gatherResults([turn.prepared, self.store.record(turn.session_id, workspace)],
+                      consumeErrors=True).chainDeferred(d)
 
         def not_recorded(failure: Failure) -> None:
             self.live.abandon(turn)
-            if failure.check(CancelledError):  # the client left meanwhile: the row may have been written
-                self.store.delete_workspace(workspace).addErrback(lambda f: None)
+            self.store.delete_workspace(workspace).addErrback(lambda f: None)  # the row may be written
+            if failure.check(FirstError):
+                failure = failure.value.subFailure
+            if failure.check(CancelledError):  # the client left meanwhile
                 return None
+            if failure.check(OSError):
+                raise ApiError(500, "workspace_error", f"could not create the workspace: {failure.value.strerror}")
             log.failure("could not record session {sid}", failure, sid=turn.session_id)
             raise ApiError(500, "database_error", "the server could not record the session in its database")
 

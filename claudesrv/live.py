@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -112,6 +112,7 @@ class Turn:
         self.start_offset = 0
         self.end_offset: int | None = None
         self.ended: Deferred[None] = Deferred()
+        self.prepared: Deferred[None] = succeed(None)  # a new session's workspace and log exist
         self.stop_reason: str | None = None
         self.timeout_kind: str | None = None
         self.outcome = "ok"

@@ -68,7 +68,8 @@ class SessionRegistry:
     def __init__(self, clock: IReactorTime, spawn: Spawner, store: SessionStore, workspaces: Workspaces,
                  executable: Callable[[], str], environ: dict[str, str], limits: Limits,
                  events_dir: str, kill: Callable[[list[bytes]], Deferred[None]] | None = None,
-                 killpg: Callable[[int, int], None] = os.killpg) -> None:
+                 killpg: Callable[[int, int], None] = os.killpg,
+                 blocking: Callable[..., Deferred[Any]] = deferToThread) -> None:
         self.clock = clock
         self.spawn = spawn
         self.store = store
@@ -79,6 +80,7 @@ class SessionRegistry:
         self.events_dir = events_dir
         self.kill = kill or (lambda markers: deferToThread(kill_marked, markers))
         self.killpg = killpg
+        self.blocking = blocking  # file-system work off the reactor thread (inline in tests)
         self.counters = Counters()
         self.sessions: dict[str, LiveSession] = {}
         self.spares: list[LiveSession] = []
@@ -144,8 +146,10 @@ class SessionRegistry:
 
     def admit(self, request: ClaudeRequest, workspace: str | None) -> Turn:
         """
-        Take a turn in, or raise L{Busy} / L{QueueFull} having changed nothing. A new session gets a spare
-        or a fresh workspace here; the caller records its row, then calls L{start} (or L{abandon}).
+        Take a turn in, or raise L{Busy} / L{QueueFull} having changed nothing. A new session gets a spare,
+        or a fresh workspace and log folder made in a thread (C{turn.prepared} fires when they exist: a
+        burst of new sessions must not wait for each other's file-system round trips); the caller records
+        its row, then calls L{start} (or L{abandon}).
         """
         if not self.accepting:
             raise QueueFull("the server is shutting down")
@@ -155,14 +159,16 @@ class SessionRegistry:
         if len(self.turns) >= self.limits.max_runs + self.limits.max_queue:
             raise QueueFull("all run slots and queue places are taken")
         kind = "cold"
+        prepared: Deferred[None] = succeed(None)
         if sid is None:
             session = self._take_spare(request.options)
             if session is not None:
                 kind = "spare"
             else:
                 new_id = str(uuid.uuid4())
-                session = LiveSession(self, new_id, self.workspaces.create(new_id), self.log_for(new_id))
+                session = LiveSession(self, new_id, self.workspaces.path_for(new_id), self.log_for(new_id))
                 session.known_to_cli = False
+                prepared = self.blocking(self._prepare, session)
             self.logs[session.session_id] = session.log
             self.sessions[session.session_id] = session
         else:
@@ -172,8 +178,14 @@ class SessionRegistry:
         turn = Turn(request, session.session_id, sid is None, self.clock.seconds())
         turn.kind = kind
         turn.start_offset = session.log.begin_turn()
+        turn.prepared = prepared
         self.turns[session.session_id] = turn
         return turn
+
+    def _prepare(self, session: LiveSession) -> None:
+        """In a thread, before anyone else sees the new session: its workspace, and its log's first file."""
+        self.workspaces.create(session.session_id)
+        session.log.begin_turn(now=True)
 
     def start(self, turn: Turn) -> None:
         """Queue an admitted turn and start what can start; a turn that must wait says so in its log."""

@@ -26,9 +26,12 @@ class Workspaces:
     def ensure_root(self) -> None:
         os.makedirs(self.root, exist_ok=True)
 
+    def path_for(self, session_id: str) -> str:
+        return os.path.join(self.root, f"session-{session_id}")
+
     def create(self, session_id: str) -> str:
         """A new, empty ``session-<session id>`` directory; its absolute path."""
-        path = os.path.join(self.root, f"session-{session_id}")
+        path = self.path_for(session_id)
         try:
             os.mkdir(path, 0o700)
         except FileNotFoundError:  # the root was removed while the daemon ran

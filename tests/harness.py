@@ -19,7 +19,7 @@ from typing import Any
 
 from klein import Klein  # noqa: F401  (the resource under test is Klein's)
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -264,9 +264,9 @@ class Daemon:
         self.registry = SessionRegistry(self.clock, self.world.spawn, self.store, self.workspaces,
                                         lambda: "/usr/bin/claude", {"PATH": "/usr/bin"}, self.limits,
                                         os.path.join(base, "events"), kill=self.world.kill,
-                                        killpg=self.world.killpg)
+                                        killpg=self.world.killpg, blocking=maybeDeferred)
         self.sessions = Sessions(self.store, self.workspaces, self.registry, {"HOME": base},
-                                 blocking=lambda f, *a: succeed(f(*a)))
+                                 blocking=maybeDeferred)
         cli = ClaudeExecutable("/bin/sh", {})
         registry, _ = registry_for(self.registry)
         self.api = ClaudeAPI(self.registry, self.store, self.workspaces, cli, self.sessions,
