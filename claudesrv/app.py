@@ -97,14 +97,14 @@ class ClaudeAPI:
 
     app = Klein()
 
-    def __init__(self, registry_: SessionRegistry, store: SessionStore, workspaces: Workspaces,
-                 cli: ClaudeExecutable, sessions: Sessions, readiness: Readiness, registry: CollectorRegistry,
+    def __init__(self, live: SessionRegistry, store: SessionStore, workspaces: Workspaces,
+                 cli: ClaudeExecutable, sessions: Sessions, readiness: Readiness, metrics: CollectorRegistry,
                  max_prompt: int = 1 << 20, skip_permissions: str = "allow", as_root: bool = False,
                  sandboxed: bool = False) -> None:
-        self.live = registry_
+        self.live = live
         self.sessions = sessions
         self.readiness = readiness
-        self.registry = registry
+        self.collectors = metrics
         self.skip_permissions = skip_permissions
         self.as_root = as_root
         self.sandboxed = sandboxed
@@ -267,7 +267,8 @@ class ClaudeAPI:
 
     @app.route("/api/sessions/<session_id>/cancel", methods=["POST"])
     def cancel(self, request: IRequest, session_id: str) -> Any:
-        """Interrupt the running turn of a session (SIGINT first, as a client disconnect does)."""
+        """Interrupt the session's running turn (the interrupt request first, as a client disconnect does),
+        or drop its queued one."""
         if self.live.cancel(session_id):
             return json_body(request, 202, {"session_id": session_id, "status": "cancelling"})
 
@@ -343,7 +344,7 @@ class ClaudeAPI:
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self.registry)
+        return generate_latest(self.collectors)
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:

@@ -241,8 +241,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     live = SessionRegistry(reactor, spawner(reactor), store, workspaces, cli.path, environ, limits,
                            os.path.join(data_dir, "events"))
     sessions = Sessions(store, workspaces, live, environ)
-    registry, http_metrics = registry_for(live)
-    api = ClaudeAPI(live, store, workspaces, cli, sessions, Readiness(store, workspaces, live, cli), registry,
+    metrics, http_metrics = registry_for(live)
+    api = ClaudeAPI(live, store, workspaces, cli, sessions, Readiness(store, workspaces, live, cli), metrics,
                     max_prompt=options["max-prompt"], skip_permissions=options["skip-permissions"],
                     as_root=os.geteuid() == 0, sandboxed=bool(options["sandboxed"]))
     policy = Policy(
