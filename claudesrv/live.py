@@ -278,8 +278,8 @@ class LiveSession:
         self.timers.set("sigkill", grace + 2 * TERM_GRACE, self._kill)
         self.process.request("interrupt")  # its result may end the turn (and these timers) at once
 
-    def _end_turn(self, line: bytes | None) -> None:
-        """The turn's result is in the log (C{line} None: it was written in pieces)."""
+    def _end_turn(self) -> None:
+        """The turn's result is in the log."""
         turn = self.turn
         assert turn is not None
         self.turn = None
@@ -320,7 +320,7 @@ class LiveSession:
                 self.log.append_lines(b"\n".join(lines[:i]) + b"\n")
             turn.lines += i + 1
             self.log.append(self._rewrite(turn, line, result))
-            self._end_turn(line)
+            self._end_turn()
             rest = lines[i + 1:]
             if rest:
                 self.cli_lines(b"\n".join(rest) + b"\n")
@@ -360,7 +360,7 @@ class LiveSession:
             head = self._piece_head
             is_result = head.startswith(b'{"type":"result"') if head.startswith(b'{"type":"') else self._piece_result
             if is_result:
-                self._end_turn(None)
+                self._end_turn()
 
     def cli_control(self, message: dict[str, Any]) -> None:
         """The CLI asks us something. Tools that need approval are denied (nobody can be asked yet)."""
@@ -442,7 +442,7 @@ class LiveSession:
             turn.state = "running"
             self.turn = turn
         self.log.append(event_line(payload))
-        self._end_turn(None)
+        self._end_turn()
 
     def _gone(self, unexpected: bool) -> None:
         self.timers.cancel()
