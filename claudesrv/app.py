@@ -130,8 +130,8 @@ class ClaudeAPI:
         if turn.session_id is None:
             return self._submit(request, turn, None)
         live = self.live.sessions.get(turn.session_id)
-        if live is not None and not live.forgotten:  # known and warm: no database round trip first
-            return self._submit(request, turn, live.workspace)
+        if live is not None and not live.forgotten and os.path.isdir(live.workspace):
+            return self._submit(request, turn, live.workspace)  # known and warm: no database round trip first
         d: Deferred[Any] = self.store.lookup(turn.session_id)
         d.addCallback(self._resume, request, turn)
         return d

@@ -283,7 +283,9 @@ class LiveSession:
         turn = self.turn
         assert turn is not None
         self.turn = None
-        self.timers.cancel("run_timeout", "idle", "sigint", "sigterm", "sigkill")
+        self.timers.cancel("run_timeout", "idle")
+        if self.state != STOPPING:  # a process being stopped keeps its ladder: it may ignore stdin EOF
+            self.timers.cancel("sigint", "sigterm", "sigkill")
         turn.state = "ended"
         turn.end_offset = self.log.end
         self.last_used = self.clock.seconds()
@@ -428,7 +430,8 @@ class LiveSession:
         """The result event the CLI did not write, in the CLI's own shape; it ends the turn."""
         payload: dict[str, Any] = {
             "type": "result", "subtype": "error_during_execution", "is_error": True,
-            "session_id": self.session_id, "terminal_reason": reason, "errors": [message],
+            # a session removed because it never came to be is not named: nobody should try to resume it
+            "session_id": None if self.forgotten else self.session_id, "terminal_reason": reason, "errors": [message],
             "exit_code": None, "signal": None, "stderr": "",
         }
         if turn.timeout_kind:

@@ -344,22 +344,30 @@ def spawner(reactor: IReactorProcess) -> Spawner:
 
 def kill_marked(markers: list[bytes]) -> None:
     """
-    SIGKILL every process whose environment holds one of C{markers} (``NAME=value``). A run's children
-    inherit its marker, so this finds the CLI's tool processes even after they moved to sessions of their
-    own and were re-parented. One pass over /proc serves every marker.
+    SIGKILL every process whose environment holds one of C{markers} (``NAME=value``). A CLI's children
+    inherit its marker, so this finds its tool processes even after they moved to sessions of their own and
+    were re-parented. One pass over /proc serves every marker; passes repeat until one finds nothing, since a
+    process caught mid-fork or mid-exec reads as having no environment.
     """
     needles = [b"\0" + m + b"\0" for m in markers]
     me = os.getpid()
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                environ = b"\0" + f.read() + b"\0"
-        except OSError:
-            continue
-        if any(n in environ for n in needles):
+    killed: set[int] = set()
+    for _ in range(5):
+        found = False
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == me or int(name) in killed:
+                continue
             try:
-                os.kill(int(name), signal.SIGKILL)
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    environ = b"\0" + f.read() + b"\0"
             except OSError:
-                pass
+                continue
+            if any(n in environ for n in needles):
+                found = True
+                killed.add(int(name))
+                try:
+                    os.kill(int(name), signal.SIGKILL)
+                except OSError:
+                    pass
+        if not found:
+            return

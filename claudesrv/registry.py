@@ -205,11 +205,12 @@ class SessionRegistry:
         session.forgotten = True
         if turn in self.queue:
             self._unqueue(session, turn, "the session could not be recorded", "error")
-        if session.process is not None:
-            session.shutdown("error")  # the process goes, and the session's files with it
         elif turn.state == "queued":  # admitted, never started
             self.turns.pop(turn.session_id, None)
             turn.state = "ended"
+        if session.process is not None:
+            session.shutdown("error")  # the process goes, and the session's files with it
+        elif turn.state == "ended" and self.sessions.get(session.session_id) is session:
             self._discard(session)
 
     def _take_spare(self, options: SpawnOptions) -> LiveSession | None:

@@ -250,8 +250,13 @@ keys and non-integer values: message on stderr, exit 2.
                  EOF does not end it)
   crash=1        die by SIGSEGV after system/init and any generated lines; grandchildren survive
   die=N          exit N right after the turn's first assistant line; no result (grandchildren are killed)
+  no_init=1      nothing at all on stdout for this turn: its stderr= text, then exit with ``exit=N`` (default 1),
+                 like a CLI that fails before it says anything (the turn is in turns.jsonl, the session is not
+                 recorded)
   no_result=1    the turn's lines without its result, then exit 0
   ignore_signals=1  from this turn on, SIGINT, SIGTERM and SIGHUP are only logged (interrupt requests still work)
+  ignore_interrupt=1  from this turn on, an interrupt request is answered but ends nothing (a CLI stuck where it
+                 cannot abort; signals still work unless ignore_signals)
   grandchild=1   start ``sleep 1000`` in its own session (killed on interrupt, SIGINT/SIGTERM/SIGHUP and exit)
   tool=NAME      a tool call (above); ``cmd=TEXT`` its Bash command
   tool_ms=D      an allowed tool runs D ms; an interrupt meanwhile gives s03d's "stopped while running"
@@ -1084,7 +1089,10 @@ SDK_INT_KNOBS = frozenset(
         "crash",
         "die",
         "no_result",
+        "no_init",
+        "exit",
         "ignore_signals",
+        "ignore_interrupt",
         "grandchild",
         "tool_ms",
     )
@@ -1268,6 +1276,7 @@ class Sdk:
         self.total_cost = 0.0
         self.model_usage: dict[str, dict[str, Any]] = {}
         self.after_interrupt = False
+        self.ignore_interrupt = False
         self.inits = 0
         self.seen_line = False
         self.startup_until = START + env_number("FAKE_STARTUP_MS", 0) / 1000
@@ -1455,6 +1464,9 @@ class Sdk:
         if turn is None:
             self.respond(rid, {"still_queued": []})
             return
+        if self.ignore_interrupt:
+            self.respond(rid, {"still_queued": [m.uuid for m in self.queue if m.uuid]})
+            return
         pending = self.pending
         if pending is not None and pending.answer is None and not pending.closed:
             pending.cancelled = True
@@ -1577,7 +1589,8 @@ class Sdk:
         turn = Turn(self.turns, prompt, model_prompt, [m.uuid for m in msgs if m.uuid], knobs)
         self.turns += 1
         self.turn = turn
-        self.record_session()
+        if not turn.scn.flag("no_init"):
+            self.record_session()
         append_state(
             "turns.jsonl",
             jdump(
@@ -1599,6 +1612,11 @@ class Sdk:
         scn = turn.scn
         if scn.flag("ignore_signals"):
             RUN.ignore_signals = True  # from this turn on, for the rest of the process
+        if scn.flag("ignore_interrupt"):
+            self.ignore_interrupt = True
+        if scn.flag("no_init"):
+            err(knobs.get("stderr", "").replace("_", " "))
+            finish(scn.num("exit", 1))
         RUN.out.mode = "block" if scn.flag("block") else "split" if scn.flag("split") else "line"
         err(knobs.get("stderr", "").replace("_", " "))
         if scn.flag("grandchild"):

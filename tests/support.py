@@ -27,7 +27,7 @@ TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import 
 
 
 def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
+    return deferLater(reactor, seconds, lambda: None)
 
 
 class SSEParser:
@@ -92,11 +92,23 @@ class _DaemonProtocol(ProcessProtocol):
         self.ended.callback(None)
 
 
+def fake_env(state_dir: str) -> dict[str, str]:
+    """The environment a daemon (and so the fake CLI) gets in tests: ours, the fake's state dir, and this
+    interpreter's directory first on PATH, so the fake's ``#!/usr/bin/env python3`` skips any version shim
+    (pyenv's costs ~0.1 s a start)."""
+    env = dict(os.environ)
+    env["FAKE_STATE_DIR"] = state_dir
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", os.defpath)
+    return env
+
+
 class Daemon:
     """A real ``twistd -n claudesrv`` on a free loopback port, in a data dir of its own."""
 
     def __init__(self, testcase: TestCase, *args: str, env: dict[str, str] | None = None,
-                 claude: str = FAKE, listen: str = "tcp:0:interface=127.0.0.1") -> None:
+                 claude: str = FAKE, listen: str = "tcp:0:interface=127.0.0.1", spares: int | None = 0) -> None:
+        """C{spares}: the --spares given before C{args} (0 unless a test is about spares, so that every CLI
+        started is a turn's; None: the daemon's default)."""
         self.testcase = testcase
         self.dir = os.path.abspath(testcase.mktemp())
         os.makedirs(self.dir)
@@ -104,9 +116,8 @@ class Daemon:
         self.state_dir = os.path.join(self.dir, "fake-state")
         os.makedirs(self.state_dir)
         self.args = ["-n", "--pidfile=", "claudesrv", "--listen", listen, "--data-dir", self.data_dir,
-                     "--claude", claude, *args]
-        self.env = dict(os.environ)
-        self.env["FAKE_STATE_DIR"] = self.state_dir
+                     "--claude", claude, *(("--spares", str(spares)) if spares is not None else ()), *args]
+        self.env = fake_env(self.state_dir)
         self.env.update(env or {})
         self.proto = _DaemonProtocol()
         self.port = 0
@@ -114,7 +125,7 @@ class Daemon:
 
     @inlineCallbacks
     def start(self) -> Any:
-        transport = reactor.spawnProcess(  # type: ignore[attr-defined]
+        transport = reactor.spawnProcess(
             self.proto, TWISTD[0], TWISTD + self.args, env=self.env, path=self.dir)
         self.pid = transport.pid
         self.testcase.addCleanup(self.stop)
@@ -138,7 +149,7 @@ class Daemon:
         """SIGTERM, then wait for the exit (SIGKILL if it takes more than 20 s)."""
         if self.proto.reason is None:
             self.signal(signal.SIGTERM)
-            killer = reactor.callLater(20, self.signal, signal.SIGKILL)  # type: ignore[attr-defined]
+            killer = reactor.callLater(20, self.signal, signal.SIGKILL)
             yield self.proto.ended
             if killer.active():
                 killer.cancel()
@@ -165,17 +176,46 @@ class Daemon:
         return sorted(os.listdir(root)) if os.path.isdir(root) else []
 
     def invocations(self) -> list[dict[str, Any]]:
-        path = os.path.join(self.state_dir, "invocations.jsonl")
-        if not os.path.exists(path):
-            return []
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
+        """One record per CLI process started (spares included), in order."""
+        return state_lines(self.state_dir, "invocations.jsonl")
+
+    def turns(self) -> list[dict[str, Any]]:
+        """One record per turn a CLI process started: pid, session_id, prompt, tools, ..."""
+        return state_lines(self.state_dir, "turns.jsonl")
+
+    def stdin(self) -> list[dict[str, Any]]:
+        """Every stdin line the CLI processes received, parsed, with the receiving pid under "pid"."""
+        return stdin_messages(self.state_dir)
+
+    def interrupts(self) -> list[int]:
+        return interrupts(self.state_dir)
 
     def grandchildren(self) -> list[int]:
         return grandchildren(self.state_dir)
 
     def signals(self) -> list[str]:
         return signals(self.state_dir)
+
+
+def state_lines(state_dir: str, name: str) -> list[dict[str, Any]]:
+    """The JSON lines of one of the fake's state files (empty if it was never written)."""
+    path = os.path.join(state_dir, name)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def stdin_messages(state_dir: str) -> list[dict[str, Any]]:
+    """What the fake read on stdin, one parsed message per line, each with the reader's "pid" added."""
+    return [{**json.loads(row["line"]), "pid": row["pid"]} for row in state_lines(state_dir, "stdin.jsonl")
+            if row["line"].strip()]
+
+
+def interrupts(state_dir: str) -> list[int]:
+    """The pids that were sent an ``interrupt`` control request, once per request."""
+    return [m["pid"] for m in stdin_messages(state_dir)
+            if m.get("type") == "control_request" and m["request"].get("subtype") == "interrupt"]
 
 
 def grandchildren(state_dir: str) -> list[int]:
@@ -185,6 +225,15 @@ def grandchildren(state_dir: str) -> list[int]:
         return []
     with open(path) as f:
         return [int(x) for x in f.read().split()]
+
+
+def signalled(state_dir: str) -> list[tuple[int, str]]:
+    """(pid, signal name) of every signal the fake processes received, in order."""
+    path = os.path.join(state_dir, "signals.log")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [(int(pid), name) for pid, name in (line.split() for line in f if line.strip())]
 
 
 def signals(state_dir: str) -> list[str]:
@@ -211,14 +260,20 @@ class Reply:
     def json(self) -> Any:
         return json.loads(bytes(self.sse.raw))
 
+    @property
+    def session_id(self) -> str | None:
+        """The session the server put the turn in (the X-Session-Id header)."""
+        return self.header("X-Session-Id")
+
 
 @inlineCallbacks
 def post(url: str, body: Any, headers: dict[str, str] | None = None, raw: bytes | None = None,
          on_frame: Any = None) -> Any:
     """POST JSON (or raw bytes) and read the whole answer."""
     data = raw if raw is not None else json.dumps(body).encode()
-    hdrs = {"Content-Type": "application/json"}
-    hdrs.update(headers or {})
+    hdrs: dict[bytes | str, bytes | str] = {"Content-Type": "application/json"}
+    for key, value in (headers or {}).items():
+        hdrs[key] = value
     response = yield treq.post(url, data=data, headers=hdrs, persistent=False)
     sse = SSEParser()
 

@@ -1,9 +1,11 @@
 """
-The core, end to end: a real ``twistd -n claudesrv``, real HTTP, the fake CLI as a real child process.
+The core, end to end: a real ``twistd -n claudesrv``, real HTTP, the fake CLI in SDK streaming mode as a real
+child process.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,221 +15,353 @@ from typing import Any
 
 from twisted.internet import utils
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.support import Daemon, pid_alive, post, wait_for
+from claudesrv.live import Limits
+from tests import harness
+from tests.support import Daemon, SSEParser, pid_alive, post, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+UNKNOWN = "00000000-0000-4000-8000-000000000000"
+SDK = ["--output-format", "stream-json", "--verbose", "--input-format", "stream-json",
+       "--permission-prompt-tool", "stdio"]
+
+
+def session_flag(argv: list[str]) -> str:
+    """The --session-id=/--resume= element of an argv."""
+    [flag] = [a for a in argv if a.startswith(("--session-id=", "--resume="))]
+    return flag
 
 
 class CoreTests(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def setUp(self) -> Any:
-        self.daemon = yield Daemon(self).start()
+    def start(self, *args: str) -> Any:
+        """A daemon without spares, so each CLI started is a turn's."""
+        self.daemon = yield Daemon(self, *args).start()
+        return self.daemon
 
     def claude(self, **fields: Any) -> Any:
         return post(self.daemon.url + "/api/claude", fields)
 
     @inlineCallbacks
     def test_new_session(self) -> Any:
-        """A prompt without session_id runs the CLI in a fresh workspace, streams every line as SSE and
-        records the reported session id against that workspace."""
+        """A prompt without session_id starts the CLI in SDK streaming mode under a session id the server
+        chose (the X-Session-Id header, --session-id=, the workspace's name, the row, every event), as the
+        leader of its own session, and streams every CLI line as one SSE event with consecutive ids."""
+        daemon = yield self.start()
         reply = yield self.claude(prompt="hello")
         self.assertEqual(reply.status, 200)
         self.assertEqual(reply.header("Content-Type"), "text/event-stream")
         self.assertEqual(reply.header("Cache-Control"), "no-cache")
         self.assertEqual(reply.header("X-Accel-Buffering"), "no")
-        events = reply.sse.events()
-        self.assertEqual(events[0]["type"], "system")
-        sid = events[0]["session_id"]
+        sid = reply.session_id
         self.assertRegex(sid, UUID)
-        self.assertEqual([e["type"] for e in events[-1:]], ["result"])
-        self.assertEqual(len(reply.sse.results()), 1)
+        events = reply.sse.events()
+        self.assertEqual([(e["type"], e.get("subtype")) for e in events],
+                         [("system", "init"), ("assistant", None), ("result", "success")])
+        self.assertEqual({e["session_id"] for e in events}, {sid})
+        self.assertEqual(reply.sse.ids, [1, 2, 3])
         self.assertFalse(events[-1]["is_error"])
-        [(row_id, workspace)] = self.daemon.rows()
-        self.assertEqual(row_id, sid)
-        self.assertEqual(os.path.dirname(workspace), os.path.join(self.daemon.data_dir, "Workspace"))
-        self.assertRegex(os.path.basename(workspace), r"^session-[0-9a-f-]{36}$")
-        [call] = self.daemon.invocations()
+        workspace = os.path.join(daemon.data_dir, "Workspace", f"session-{sid}")
+        self.assertEqual(daemon.rows(), [(sid, workspace)])
+        [call] = daemon.invocations()
+        self.assertEqual(call["mode"], "sdk")
+        self.assertEqual(call["argv"][1:], [*SDK, f"--session-id={sid}", "--"])
         self.assertEqual(call["cwd"], workspace)
-        self.assertEqual(call["argv"][1:5], ["-p", "--verbose", "--output-format", "stream-json"])
-        self.assertEqual(call["stdin_kind"] != "tty", True)
+        self.assertEqual((call["sid"], call["pgid"]), (call["pid"], call["pid"]))
+        [turn] = daemon.turns()
+        self.assertEqual((turn["pid"], turn["prompt"], turn["session_id"]), (call["pid"], "hello", sid))
+        [line] = [m for m in daemon.stdin() if m["type"] == "user"]
+        self.assertEqual(line["message"], {"role": "user", "content": "hello"})
+
+    @inlineCallbacks
+    def test_spare_answers_a_new_session(self) -> Any:
+        """With --spares 1 a CLI is started ahead in a workspace of its own, under an id of its own; the next
+        new session with default options is that process and that id, and a new spare takes its place. A
+        session asking for other tool options gets a process of its own and leaves the spare alone."""
+        daemon = yield Daemon(self, spares=1).start()
+        yield wait_for(lambda: len(daemon.invocations()) == 1)
+        [spare] = daemon.invocations()
+        spare_id = session_flag(spare["argv"]).split("=", 1)[1]
+        self.assertEqual(daemon.workspaces(), [f"session-{spare_id}"])
+        self.assertEqual((daemon.rows(), daemon.turns()), ([], []))
+        reply = yield post(daemon.url + "/api/claude", {"prompt": "hello"})
+        self.assertEqual(reply.session_id, spare_id)
+        self.assertEqual({e["session_id"] for e in reply.sse.events()}, {spare_id})
+        self.assertEqual([t["pid"] for t in daemon.turns()], [spare["pid"]])
+        self.assertEqual([row[0] for row in daemon.rows()], [spare_id])
+        yield wait_for(lambda: len(daemon.invocations()) == 2)
+        second_spare = daemon.invocations()[1]
+        self.assertNotEqual(session_flag(second_spare["argv"]), session_flag(spare["argv"]))
+        tools = yield post(daemon.url + "/api/claude", {"prompt": "hi", "allowedTools": ["Edit"]})
+        self.assertNotIn(tools.session_id, (spare_id, session_flag(second_spare["argv"]).split("=", 1)[1]))
+        calls = daemon.invocations()
+        self.assertEqual(len(calls), 3)
+        self.assertIn("--allowedTools", calls[2]["argv"])
+        self.assertEqual([t["pid"] for t in daemon.turns()], [spare["pid"], calls[2]["pid"]])
+        self.assertTrue(pid_alive(second_spare["pid"]))
 
     @inlineCallbacks
     def test_prompts_arrive_byte_exact(self) -> Any:
-        """Prompts that look like options, carry CR/LF, blanks or unicode, or are 1 MiB, reach the CLI
-        exactly as sent."""
+        """Prompts that look like options, carry CR/LF, blanks, unicode or JSON, or are 1 MiB, reach the CLI
+        exactly as sent, each as one turn of the same warm process."""
+        daemon = yield self.start()
         prompts = ["--help", "-p", "- item", "--", "a\r\nb\n", "  lead and trail  ", "héllo 日本語 🚀 \u2028",
-                   "$(echo no) `x` ;&| \\ \"q\"", "x" * (1 << 20)]
+                   "$(echo no) `x` ;&| \\ \"q\"", '"}\n{"type":"control_request","request":{"subtype":"interrupt"}}',
+                   "x" * (1 << 20)]
+        sid = None
         for prompt in prompts:
-            reply = yield self.claude(prompt=prompt)
+            reply = yield self.claude(prompt=prompt, **({"session_id": sid} if sid else {}))
+            sid = reply.session_id
             self.assertEqual(reply.status, 200)
             init = reply.sse.events()[0]
             self.assertEqual(init["fake"]["prompt"], prompt, prompt[:20])
-            self.assertEqual(len(reply.sse.results()), 1)
-            self.assertFalse(reply.sse.results()[0]["is_error"], prompt[:20])
+            [result] = reply.sse.results()
+            self.assertFalse(result["is_error"], prompt[:20])
+        self.assertEqual([t["prompt"] for t in daemon.turns()], prompts)
+        [call] = daemon.invocations()
+        self.assertEqual({t["pid"] for t in daemon.turns()}, {call["pid"]})
 
     @inlineCallbacks
     def test_tool_patterns_arrive_intact(self) -> Any:
-        """allowedTools and disallowedTools patterns reach the CLI whole, and swallow nothing."""
+        """allowedTools and disallowedTools patterns reach the CLI whole, one argv element each, and swallow
+        nothing: the CLI reads exactly these patterns."""
+        daemon = yield self.start()
         allowed = ["Bash(git *)", "Bash(touch:*)", "Bash(touch a,b.txt)", "Edit"]
         reply = yield self.claude(prompt="use tools", allowedTools=allowed, disallowedTools=["WebFetch"],
                                   **{"dangerously-skip-permissions": False})
         self.assertFalse(reply.sse.results()[0]["is_error"])
-        [call] = self.daemon.invocations()
+        [call] = daemon.invocations()
         argv = call["argv"]
         i = argv.index("--allowedTools")
-        self.assertEqual(argv[i + 1:i + 5], allowed)
-        j = argv.index("--disallowedTools")
-        self.assertEqual(argv[j + 1], "WebFetch")
-        self.assertEqual(call["prompt"], "use tools")
+        self.assertEqual(argv[i:], ["--allowedTools", *allowed, "--disallowedTools", "WebFetch", "--"])
+        [turn] = daemon.turns()
+        self.assertEqual((turn["allowed_tools"], turn["disallowed_tools"]), (allowed, ["WebFetch"]))
+        self.assertEqual(turn["prompt"], "use tools")
+
+    @inlineCallbacks
+    def test_tool_needing_approval_is_denied(self) -> Any:
+        """A tool the CLI must ask about is denied by the server with a message saying how to allow it, and a
+        permission_denied event tells the client; the turn goes on to its own result. A pre-approved tool
+        runs without a question."""
+        daemon = yield self.start()
+        reply = yield self.claude(prompt="[[fake tool=Bash]] make a file")
+        events = reply.sse.events()
+        [denied] = [e for e in events if e["type"] == "claudesrv"]
+        self.assertEqual((denied["subtype"], denied["tool_name"]), ("permission_denied", "Bash"))
+        self.assertIn("allowedTools", denied["message"])
+        self.assertFalse([e for e in events if e["type"].startswith("control_")])
+        [tool_result] = [e for e in events if e["type"] == "user"]
+        self.assertEqual(tool_result["message"]["content"][0]["content"], denied["message"])
+        [result] = reply.sse.results()
+        self.assertEqual((result["subtype"], len(result["permission_denials"])), ("success", 1))
+        answers = [m for m in daemon.stdin() if m["type"] == "control_response"]
+        self.assertEqual([a["response"]["response"]["behavior"] for a in answers], ["deny"])
+        allowed = yield self.claude(prompt="[[fake tool=Bash]] make a file", allowedTools=["Bash"])
+        self.assertFalse([e for e in allowed.sse.events() if e["type"] == "claudesrv"])
+        self.assertFalse(allowed.sse.results()[0]["permission_denials"])
+        self.assertEqual(len([m for m in daemon.stdin() if m["type"] == "control_response"]), 1)
 
     @inlineCallbacks
     def test_lines_split_across_reads_and_giant_line(self) -> Any:
-        """Lines written in small pieces, in 64 KiB blocks, and one 64 MiB line arrive intact and in order."""
-        reply = yield self.claude(prompt="[[fake lines=200 line_bytes=3000 split=1]]")
+        """Lines written in small pieces, in 64 KiB blocks, and an 8 MiB line (relayed in pieces, never held
+        whole) arrive intact and in order; a result line longer than the 1 MiB line limit still ends its turn's
+        stream, as its only result."""
+        yield self.start()
+        reply = yield self.claude(prompt="[[fake lines=20 line_bytes=3000 split=1]]")
         lines = [e for e in reply.sse.events() if e["type"] == "assistant"]
-        self.assertEqual(len(lines), 200)
+        self.assertEqual(len(lines), 20)
         self.assertEqual({len(f) for f in reply.sse.frames[1:-1]}, {3000})
-        reply = yield self.claude(prompt="[[fake lines=3000 line_bytes=700 block=1]]")
+        sid = reply.session_id
+        reply = yield self.claude(prompt="[[fake lines=3000 line_bytes=700 block=1]]", session_id=sid)
         self.assertEqual(len(reply.sse.frames), 3002)
         self.assertEqual(len(reply.sse.results()), 1)
-        reply = yield self.claude(prompt=f"[[fake giant={64 << 20}]]")
+        reply = yield self.claude(prompt=f"[[fake giant={8 << 20}]]", session_id=sid)
         sizes = [len(f) for f in reply.sse.frames]
-        self.assertIn(64 << 20, sizes)
+        self.assertIn(8 << 20, sizes)
         self.assertEqual(reply.sse.events()[-1]["type"], "result")
-
-    @inlineCallbacks
-    def test_big_result_line_ends_stream(self) -> Any:
-        """The real 1 MiB reply (assistant and result lines over 1 MB) ends with its own result."""
-        reply = yield self.claude(prompt="[[fake replay=g21_big_reply_1mb]]")
-        results = reply.sse.results()
-        self.assertEqual(len(results), 1)
+        self.assertEqual(reply.sse.ids, list(range(reply.sse.ids[0], reply.sse.ids[0] + len(sizes))))
+        reply = yield self.claude(prompt="y" * ((1 << 20) - 100), session_id=sid)  # echoed in the result
+        self.assertEqual(len(reply.sse.results()), 1)
+        self.assertEqual(reply.sse.events()[-1]["type"], "result")
         self.assertGreater(len(reply.sse.frames[-1]), 1 << 20)
 
     @inlineCallbacks
-    def test_resume_same_workspace(self) -> Any:
-        """A known session_id runs --resume <id> in the session's workspace and updates its row."""
+    def test_follow_up_turns_warm_then_resumed(self) -> Any:
+        """A follow-up turn goes to the session's warm process (no new CLI); once --warm-idle puts it to
+        sleep (stdin closed, no signal), the next turn resumes the session with --resume=<id> in the same
+        workspace, under the same id, and the session keeps one row."""
+        daemon = yield self.start("--warm-idle", "0.2")
         first = yield self.claude(prompt="first")
-        sid = first.sse.events()[0]["session_id"]
+        sid = first.session_id
         second = yield self.claude(prompt="second", session_id=sid)
         self.assertEqual(second.status, 200)
         self.assertEqual(second.sse.events()[0]["session_id"], sid)
-        calls = self.daemon.invocations()
-        self.assertEqual(calls[1]["cwd"], calls[0]["cwd"])
-        argv = calls[1]["argv"]
-        self.assertEqual(argv[argv.index("--resume") + 1], sid)
-        self.assertEqual(len(self.daemon.rows()), 1)
+        [call] = daemon.invocations()
+        self.assertEqual([t["pid"] for t in daemon.turns()], [call["pid"]] * 2)
+        yield wait_for(lambda: not pid_alive(call["pid"]))
+        self.assertEqual(daemon.signals(), [])
+        third = yield self.claude(prompt="third", session_id=sid)
+        self.assertEqual({e["session_id"] for e in third.sse.events()}, {sid})
+        self.assertEqual(third.sse.ids[0], second.sse.ids[-1] + 1)
+        calls = daemon.invocations()
+        self.assertEqual(session_flag(calls[1]["argv"]), f"--resume={sid}")
+        self.assertEqual(calls[1]["cwd"], call["cwd"])
+        self.assertEqual(daemon.rows(), [(sid, call["cwd"])])
 
     @inlineCallbacks
-    def test_resume_records_new_id(self) -> Any:
-        """When the CLI answers a resume with a new session id, that id is recorded for the same
-        workspace and can itself be resumed."""
+    def test_cli_error_results_pass_through(self) -> Any:
+        """An error result the CLI writes itself (here: it refuses to resume a session whose transcript is
+        gone) is relayed untouched as the turn's one result, and the session stays."""
+        daemon = yield self.start("--warm-idle", "0.2")
         first = yield self.claude(prompt="first")
-        sid = first.sse.events()[0]["session_id"]
-        second = yield self.claude(prompt="[[fake new_id=1]] second", session_id=sid)
-        new_sid = second.sse.events()[0]["session_id"]
-        self.assertNotEqual(new_sid, sid)
-        rows = dict(self.daemon.rows())
-        self.assertEqual(rows[new_sid], rows[sid])
-        third = yield self.claude(prompt="third", session_id=new_sid)
-        self.assertEqual(third.status, 200)
-        self.assertEqual(self.daemon.invocations()[2]["cwd"], rows[sid])
-
-    @inlineCallbacks
-    def test_unknown_and_malformed_session_ids(self) -> Any:
-        """An unknown id is 404 and a non-UUID is 400, both JSON, and no CLI runs."""
-        reply = yield self.claude(prompt="x", session_id="00000000-0000-4000-8000-000000000000")
-        self.assertEqual(reply.status, 404)
-        self.assertEqual(reply.json()["error"]["code"], "session_not_found")
-        reply = yield self.claude(prompt="x", session_id="not-a-uuid")
-        self.assertEqual(reply.status, 400)
-        self.assertEqual(reply.json()["error"]["field"], "session_id")
-        self.assertEqual(self.daemon.invocations(), [])
-        self.assertEqual(self.daemon.workspaces(), [])
-
-    @inlineCallbacks
-    def test_workspace_gone(self) -> Any:
-        """A session whose workspace was removed from disk gets a clear 410, not a CLI run elsewhere."""
-        first = yield self.claude(prompt="first")
-        sid = first.sse.events()[0]["session_id"]
-        [(_, workspace)] = self.daemon.rows()
-        shutil.rmtree(workspace)
+        sid = first.session_id
+        [call] = daemon.invocations()
+        yield wait_for(lambda: not pid_alive(call["pid"]))
+        os.remove(os.path.join(daemon.state_dir, "sessions", sid))
         reply = yield self.claude(prompt="again", session_id=sid)
-        self.assertEqual(reply.status, 410)
-        self.assertEqual(reply.json()["error"]["code"], "workspace_missing")
-        self.assertEqual(len(self.daemon.invocations()), 1)
+        [result] = reply.sse.events()
+        self.assertTrue(result["is_error"])
+        self.assertEqual(result["errors"], [f"No conversation found with session ID: {sid}"])
+        self.assertNotIn("exit_code", result)
+        self.assertEqual([row[0] for row in daemon.rows()], [sid])
 
     @inlineCallbacks
     def test_failures_end_with_one_result(self) -> Any:
-        """A CLI that prints only stderr, crashes, or refuses ends the stream with exactly one result
-        event that carries the exit code or signal and the stderr; a new session that never reported an
-        id leaves no row and no workspace."""
+        """A CLI that prints only stderr, crashes, or dies mid-turn ends the stream with exactly one result
+        event that carries the exit code or signal and the stderr; a new session whose CLI never said
+        anything leaves no row and no workspace; a crashed CLI's grandchild in a session of its own is
+        killed, and the session's next turn resumes it in a new process."""
+        daemon = yield self.start()
         reply = yield self.claude(prompt="[[fake no_init=1 exit=3 stderr=boom_went_the_cli]]")
         [result] = reply.sse.results()
         self.assertEqual(len(reply.sse.frames), 1)
         self.assertTrue(result["is_error"])
         self.assertEqual(result["subtype"], "error_during_execution")
-        self.assertEqual(result["exit_code"], 3)
+        self.assertEqual((result["exit_code"], result["signal"]), (3, None))
         self.assertIn("boom went the cli", result["stderr"])
-        yield wait_for(lambda: self.daemon.workspaces() == [])
-        self.assertEqual(self.daemon.rows(), [])
+        yield wait_for(lambda: daemon.workspaces() == [])
+        self.assertEqual(daemon.rows(), [])
 
-        reply = yield self.claude(prompt="[[fake crash=1]]")
+        reply = yield self.claude(prompt="[[fake grandchild=1 init_delay_ms=100 crash=1]]")
         [result] = reply.sse.results()
         self.assertEqual(reply.sse.events()[-1], result)
-        self.assertEqual(result["signal"], 11)
-        self.assertIsNone(result["exit_code"])
+        self.assertEqual((result["signal"], result["exit_code"]), (11, None))
         self.assertEqual(result["session_id"], reply.sse.events()[0]["session_id"])
+        [grandchild] = daemon.grandchildren()
+        yield wait_for(lambda: not pid_alive(grandchild))
+        again = yield self.claude(prompt="after the crash", session_id=reply.session_id)
+        self.assertFalse(again.sse.results()[0]["is_error"])
+        self.assertEqual(session_flag(daemon.invocations()[-1]["argv"]), f"--resume={reply.session_id}")
 
-        reply = yield self.claude(prompt="[[fake exit=2 no_result=1 stderr=half_way]]")
+        reply = yield self.claude(prompt="[[fake die=2 stderr=half_way]]")
         [result] = reply.sse.results()
+        self.assertEqual([e["type"] for e in reply.sse.events()], ["system", "assistant", "result"])
         self.assertEqual(result["exit_code"], 2)
-
-    @inlineCallbacks
-    def test_cli_error_results_pass_through(self) -> Any:
-        """An API error reported by the CLI (is_error result, exit 1) is relayed as the one result."""
-        for name in ("g2_fail500_maxretries0", "g3_FAIL401_retries0", "i6_max_turns_1_tool"):
-            reply = yield self.claude(prompt=f"[[fake replay={name}]]")
-            [result] = reply.sse.results()
-            self.assertTrue(result["is_error"], name)
-            self.assertNotIn("exit_code", result, name)
-
-    @inlineCallbacks
-    def test_stream_ends_at_result(self) -> Any:
-        """The stream ends when the result line is sent, while the CLI may still be exiting."""
-        reply = yield self.claude(prompt="[[fake result_then_linger_ms=3000]]")
-        [call] = self.daemon.invocations()
-        self.assertEqual(len(reply.sse.results()), 1)
-        self.assertTrue(pid_alive(call["pid"]), "the stream waited for the CLI to exit")
-
-    @inlineCallbacks
-    def test_errors_before_streaming_are_json(self) -> Any:
-        """Malformed JSON, a schema break and a wrong method get their status and a JSON error."""
-        reply = yield post(self.daemon.url + "/api/claude", None, raw=b"{nope")
-        self.assertEqual((reply.status, reply.json()["error"]["code"]), (400, "invalid_json"))
-        reply = yield self.claude(prompt="x", allowedTools="Bash")
-        self.assertEqual((reply.status, reply.json()["error"]["field"]), (400, "allowedTools"))
-        out, _, _ = yield utils.getProcessOutputAndValue("curl", ["-s", "-i", self.daemon.url + "/api/claude"],
-                                                         env=os.environ)
-        self.assertIn(b"405 Method Not Allowed", out)
-        self.assertIn(b'"method_not_allowed"', out)
+        self.assertIn("half way", result["stderr"])
 
     @inlineCallbacks
     def test_readme_curl_example(self) -> Any:
         """The README's curl -N example, run as written (but on the test's port), streams a session."""
+        daemon = yield self.start()
         with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
             readme = f.read()
         command = next(line for line in readme.splitlines() if line.startswith("curl -N "))
-        command = command.replace("localhost:3000", f"127.0.0.1:{self.daemon.port}")
+        command = command.replace("localhost:3000", f"127.0.0.1:{daemon.port}")
         out, _, code = yield utils.getProcessOutputAndValue("sh", ["-c", command], env=os.environ)
         self.assertEqual(code, 0)
-        frames = [f for f in out.split(b"\n\n") if f.startswith(b"data: ")]
-        self.assertIn(b'"type":"system"', frames[0])
-        self.assertIn(b'"type":"result"', frames[-1])
+        sse = SSEParser()
+        sse.feed(out)
+        self.assertEqual(sse.ids, [1, 2, 3])
+        self.assertEqual([json.loads(f)["type"] for f in sse.frames], ["system", "assistant", "result"])
+
+
+class InProcessCore(SynchronousTestCase):
+    """What only needs HTTP semantics, in process (the harness: real routes, registry and SQL, a Clock; CLIs
+    played in memory)."""
+
+    def daemon(self, **limits: Any) -> harness.Daemon:
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+        values: dict[str, Any] = {"spares": 0, "keepalive": 0, "idle_timeout": 0, "run_timeout": 0}
+        values.update(limits)
+        d = harness.Daemon(self.base, Limits(**values))
+        self.addCleanup(d.close)
+        return d
+
+    def test_unknown_and_malformed_session_ids(self) -> None:
+        """An unknown id is 404 and a non-UUID is 400, both JSON, and no CLI starts and no workspace is made."""
+        d = self.daemon()
+        code, body = d.call("POST", "/api/claude", json={"prompt": "x", "session_id": UNKNOWN})
+        self.assertEqual((code, body["error"]["code"]), (404, "session_not_found"))
+        code, body = d.call("POST", "/api/claude", json={"prompt": "x", "session_id": "not-a-uuid"})
+        self.assertEqual((code, body["error"]["field"]), (400, "session_id"))
+        self.assertEqual(d.world.clis, [])
+        self.assertEqual(os.listdir(os.path.join(self.base, "Workspace")), [])
+
+    def test_errors_before_streaming_are_json(self) -> None:
+        """Malformed JSON, a schema break and a wrong method get their status and a JSON error."""
+        d = self.daemon()
+        code, body = d.call("POST", "/api/claude", data=b"{nope", headers={"Content-Type": "application/json"})
+        self.assertEqual((code, body["error"]["code"]), (400, "invalid_json"))
+        code, body = d.call("POST", "/api/claude", json={"prompt": "x", "allowedTools": "Bash"})
+        self.assertEqual((code, body["error"]["field"]), (400, "allowedTools"))
+        code, body = d.call("GET", "/api/claude")
+        self.assertEqual((code, body["error"]["code"]), (405, "method_not_allowed"))
+        self.assertEqual(d.world.clis, [])
+
+    def test_stream_ends_at_result(self) -> None:
+        """The stream ends with the turn's result while the CLI stays up, idle, for the session's next turn."""
+        d = self.daemon()
+        stream = d.post({"prompt": "hello"})
+        self.assertTrue(stream.done)
+        self.assertEqual(stream.types()[-1], "result")
+        [cli] = d.world.clis
+        self.assertTrue(cli.alive)
+        code, item = d.call("GET", f"/api/sessions/{stream.session_id}")
+        self.assertEqual((item["state"], item["pid"], item["running"]), ("idle", cli.pid, False))
+
+    def test_workspace_gone(self) -> None:
+        """A session whose workspace was removed from disk gets a clear 410 (here once its CLI was put to sleep),
+        not a turn elsewhere."""
+        d = self.daemon(warm_idle=5)
+        first = d.post({"prompt": "first"})
+        [cli] = d.world.clis
+        d.clock.advance(5)
+        self.assertFalse(cli.alive)
+        shutil.rmtree(cli.cwd)
+        code, body = d.call("POST", "/api/claude", json={"prompt": "again", "session_id": first.session_id})
+        self.assertEqual((code, body["error"]["code"]), (410, "workspace_missing"))
+        self.assertEqual(len(d.world.clis), 1)
+
+    def test_session_that_never_came_to_be_is_not_named(self) -> None:
+        """The one result of a new session whose CLI exited before saying anything names no session (the
+        server removed it: its id in the response header is unknown from then on), as in round one."""
+        d = self.daemon()
+        d.world.silent = True
+        stream = d.post({"prompt": "hi"})
+        d.world.clis[-1].exit(3)
+        d.pump()
+        [result] = stream.events()
+        self.assertEqual((result["type"], result["exit_code"]), ("result", 3))
+        self.assertEqual(d.call("GET", f"/api/sessions/{stream.session_id}")[0], 404)
+        self.assertIsNone(result["session_id"])
+
+    def test_workspace_gone_under_a_warm_process(self) -> None:
+        """A session whose workspace was removed while its CLI is still warm also gets 410: no turn runs in
+        a directory that no longer exists."""
+        d = self.daemon()
+        first = d.post({"prompt": "first"})
+        [cli] = d.world.clis
+        shutil.rmtree(cli.cwd)
+        again = d.post({"prompt": "again", "session_id": first.session_id})
+        self.assertEqual(again.code, 410)
+        self.assertEqual(json.loads(bytes(again.sse.raw))["error"]["code"], "workspace_missing")
+        self.assertEqual(cli.turns, 1)
+
 
 
 class MissingCliTests(TestCase):
@@ -235,7 +369,8 @@ class MissingCliTests(TestCase):
 
     @inlineCallbacks
     def test_missing_cli_is_503(self) -> Any:
-        """A CLI that cannot be found leaves the daemon up, logs a warning and answers 503 with a hint."""
+        """A CLI that cannot be found leaves the daemon up (no spare is tried), logs a warning and answers 503
+        with a hint."""
         daemon = yield Daemon(self, claude="no-such-claude-cli").start()
         reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"})
         self.assertEqual(reply.status, 503)

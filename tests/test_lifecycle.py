@@ -1,8 +1,9 @@
 """
-Run lifecycle: disconnect, cancel, one turn per session, capacity, timeouts, keepalive, backpressure,
-shutdown, and no process left behind.
+Turn lifecycle: interrupt, cancel, disconnect, one turn per session, capacity, timeouts, keepalive, slow
+clients, shutdown, and no process left behind.
 
-Timer behaviour is driven by a Clock against real child processes (RunManager in-process); the rest
+Timer behaviour is driven by a Clock against real CLI processes (the session registry in-process, the fake in
+SDK streaming mode, the daemon's own spawner); what only HTTP shows runs in the in-process harness; the rest
 goes through a real twistd.
 """
 
@@ -15,22 +16,39 @@ import time
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from claudesrv.command import ClaudeRequest
+from claudesrv.command import ClaudeRequest, SpawnOptions
+from claudesrv.live import IDLE, Limits, Turn
 from claudesrv.process import spawner
-from claudesrv.runs import Limits, RunManager
-from claudesrv.store import SessionStore
+from claudesrv.registry import SessionRegistry
+from claudesrv.sse import SseSink
+from claudesrv.store import InlineSqlite, SessionStore
 from claudesrv.workspaces import Workspaces
-from tests.support import FAKE, Daemon, SSEParser, grandchildren, pid_alive, post, signals, sleep, wait_for
+from tests import harness
+from tests.support import (
+    FAKE,
+    Daemon,
+    SSEParser,
+    fake_env,
+    grandchildren,
+    interrupts,
+    pid_alive,
+    post,
+    signalled,
+    signals,
+    sleep,
+    state_lines,
+    wait_for,
+)
 
 
 class RecordingStream:
-    """Stands where the Twisted request would: records what a run writes."""
+    """Stands where the Twisted request would: records what a stream writes."""
 
     def __init__(self) -> None:
         self.sse = SSEParser()
@@ -53,35 +71,68 @@ class RecordingStream:
         self.producer = None
 
 
-class InProcessRuns(TestCase):
-    """A RunManager with real child processes and a Clock for every timer."""
+class InProcessSessions(TestCase):
+    """The session registry with real CLI processes (the fake, started by the daemon's spawner) and a Clock for
+    every timer; each turn is streamed to a L{RecordingStream} as the route streams it to a client."""
 
     timeout = 30
 
-    @inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> None:
         base = os.path.abspath(self.mktemp())
         self.state_dir = os.path.join(base, "fake-state")
         os.makedirs(self.state_dir)
         self.clock = Clock()
-        self.store = SessionStore(os.path.join(base, "sessions.db"))
-        yield self.store.start()
-        self.addCleanup(self.store.close)
-        env = dict(os.environ, FAKE_STATE_DIR=self.state_dir)
-        self.limits = Limits(kill_grace=5, keepalive=15, run_timeout=0, idle_timeout=0)
-        self.runs = RunManager(self.clock, spawner(reactor), self.store,  # type: ignore[arg-type]
-                               Workspaces(os.path.join(base, "Workspace")), lambda: FAKE, env, self.limits)
+        self.clock.advance(1_800_000_000)
+        db = InlineSqlite(os.path.join(base, "sessions.db"))
+        self.addCleanup(db.close)
+        self.store = SessionStore(db, self.clock)
+        self.store.start()
+        workspaces = Workspaces(os.path.join(base, "Workspace"))
+        workspaces.ensure_root()
+        env = fake_env(self.state_dir)
+        self.limits = Limits(spares=0, kill_grace=5, keepalive=15, run_timeout=0, idle_timeout=0)
+        self.executable = FAKE
+        self.registry = SessionRegistry(self.clock, spawner(reactor), self.store,
+                                        workspaces, lambda: self.executable, env, self.limits,
+                                        os.path.join(base, "events"), blocking=maybeDeferred)
+        self.addCleanup(self.end_processes)
 
-    def submit(self, prompt: str) -> tuple[Any, RecordingStream]:
+    def submit(self, prompt: str, session_id: str | None = None) -> tuple[Turn, RecordingStream]:
+        """Admit a turn, record a new session's row, and stream the turn from its first event."""
+        workspace = self.registry.sessions[session_id].workspace if session_id else None
+        turn = self.registry.admit(ClaudeRequest(prompt, session_id, SpawnOptions()), workspace)
+        session = self.registry.sessions[turn.session_id]
+        if turn.new_session:
+            self.successResultOf(turn.prepared)  # the workspace, made inline here
+            self.successResultOf(self.store.record(turn.session_id, session.workspace))
         stream = RecordingStream()
-        run = self.runs.submit(ClaudeRequest(prompt), None, stream)
-        self.addCleanup(self.kill_leftovers, run)
-        return run, stream
+        sink = SseSink(stream, session.log, turn.start_offset, self.clock, lambda: turn.end_offset,
+                       self.limits.keepalive, self.limits.idle_timeout,
+                       on_gone=lambda why: self.registry.client_left(turn, why))
+        sink.open()
+        self.registry.start(turn)
+        return turn, stream
 
-    def kill_leftovers(self, run: Any) -> None:
-        """Timers run on a Clock here, so a test that fails early must kill its CLI itself."""
-        if run.process is not None and not run.process.ended:
-            run.process.signal_group(signal.SIGKILL)
+    def pid_of(self, turn: Turn) -> int:
+        pid = self.registry.sessions[turn.session_id].pid
+        assert pid is not None
+        return pid
+
+    @inlineCallbacks
+    def end_processes(self) -> Any:
+        """Timers run on a Clock here, so a test that fails early must end its CLIs (and their tools) itself."""
+        for session in list(self.registry.live):
+            if session.process is not None:
+                session.process.signal_group(signal.SIGKILL)
+
+        def gone() -> bool:
+            self.clock.advance(0)  # whatever the registry put off to "right after this"
+            return not self.registry.live
+
+        yield wait_for(gone)
+        for pid in grandchildren(self.state_dir):
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
     def signals(self) -> list[str]:
         return signals(self.state_dir)
@@ -90,179 +141,208 @@ class InProcessRuns(TestCase):
         return grandchildren(self.state_dir)
 
     @inlineCallbacks
-    def test_escalation_kills_whole_tree(self) -> Any:
-        """A CLI that ignores SIGINT and SIGTERM gets SIGINT, SIGTERM after the grace, then SIGKILL;
-        afterwards neither it nor its grandchild in a session of its own is alive."""
-        run, stream = self.submit("[[fake hang=1 ignore_signals=1 grandchild=1]]")
+    def test_ladder_kills_whole_tree(self) -> Any:
+        """A CLI that ignores the interrupt request, SIGINT and SIGTERM gets the interrupt, SIGINT after the
+        kill grace, SIGTERM 2 s later and SIGKILL 2 s after that; afterwards neither it nor its grandchild in
+        a session of its own is alive, and the turn ends with one result saying it was cancelled."""
+        turn, stream = self.submit("[[fake hang=1 ignore_interrupt=1 ignore_signals=1 grandchild=1]]")
         yield wait_for(lambda: stream.sse.frames)
-        pid = run.process.pid
+        pid = self.pid_of(turn)
         [grandchild] = self.grandchildren()
         self.assertNotEqual(os.getsid(grandchild), os.getsid(pid))
-        run.interrupt("cancelled")
-        yield wait_for(lambda: self.signals() == ["SIGINT"])
+        self.assertTrue(self.registry.cancel(turn.session_id))
+        yield wait_for(lambda: interrupts(self.state_dir) == [pid])
         self.clock.advance(4.9)
-        yield sleep(0.3)
+        yield sleep(0.2)
+        self.assertEqual(self.signals(), [])
+        self.clock.advance(0.1)
+        yield wait_for(lambda: self.signals() == ["SIGINT"])
+        self.clock.advance(1.9)
+        yield sleep(0.2)
         self.assertEqual(self.signals(), ["SIGINT"])
         self.clock.advance(0.1)
         yield wait_for(lambda: self.signals() == ["SIGINT", "SIGTERM"])
         self.assertTrue(pid_alive(pid))
         self.clock.advance(2)
-        yield run.done
+        yield turn.ended
         self.assertFalse(pid_alive(pid))
-        self.assertFalse(pid_alive(grandchild))
+        yield wait_for(lambda: not pid_alive(grandchild))
+        yield wait_for(lambda: not self.registry.live)
         [result] = stream.sse.results()
-        self.assertEqual(result["terminal_reason"], "cancelled")
-        self.assertEqual(result["signal"], signal.SIGKILL)
+        self.assertEqual(stream.sse.events()[-1], result)
+        self.assertEqual((result["terminal_reason"], result["signal"], result["exit_code"]),
+                         ("cancelled", signal.SIGKILL, None))
+        self.assertEqual(turn.outcome, "cancelled")
+
+    @inlineCallbacks
+    def test_zero_grace_still_sends_every_signal(self) -> Any:
+        """With --kill-grace 0, SIGINT follows the interrupt request at once, and SIGTERM and SIGKILL still
+        come 2 s apart."""
+        self.limits.kill_grace = 0
+        turn, stream = self.submit("[[fake hang=1 ignore_interrupt=1 ignore_signals=1]]")
+        yield wait_for(lambda: stream.sse.frames)
+        self.registry.cancel(turn.session_id)
+        self.clock.advance(0)
+        yield wait_for(lambda: self.signals() == ["SIGINT"])
+        self.clock.advance(1.9)
+        yield sleep(0.2)
+        self.assertEqual(self.signals(), ["SIGINT"])
+        self.clock.advance(0.1)
+        yield wait_for(lambda: self.signals() == ["SIGINT", "SIGTERM"])
+        self.clock.advance(2)
+        yield turn.ended
+        self.assertEqual(stream.sse.results()[0]["signal"], signal.SIGKILL)
+
+    @inlineCallbacks
+    def test_interrupt_keeps_the_process_warm(self) -> Any:
+        """A cancelled turn ends with the CLI's own aborted result (saying cancelled) after the interrupt
+        request alone: no signal, the tool it ran is gone, the process stays up, no stop timer is left, and
+        the session's next turn runs in the same process."""
+        turn, stream = self.submit("[[fake hang=1 grandchild=1]]")
+        yield wait_for(lambda: stream.sse.frames)
+        pid = self.pid_of(turn)
+        [grandchild] = self.grandchildren()
+        self.registry.cancel(turn.session_id)
+        yield turn.ended
+        [result] = stream.sse.results()
+        self.assertEqual((result["terminal_reason"], result["cli_terminal_reason"]), ("cancelled", "aborted_streaming"))
+        self.assertNotIn("signal", result)
+        self.assertFalse(pid_alive(grandchild))
+        self.clock.advance(60)
+        yield sleep(0.2)
+        self.assertEqual(self.signals(), [])
+        self.assertTrue(pid_alive(pid))
+        self.assertEqual(self.registry.sessions[turn.session_id].state, IDLE)
+        second, stream = self.submit("next", turn.session_id)
+        yield second.ended
+        self.assertEqual(stream.sse.events()[0]["fake"]["pid"], pid)
+        self.assertFalse(stream.sse.results()[0]["is_error"])
+        self.assertEqual(second.kind, "warm")
 
     @inlineCallbacks
     def test_child_is_session_leader_with_default_signals(self) -> Any:
-        """The CLI leads a session of its own and does not inherit ignored SIGINT or SIGHUP, also when
-        the daemon was started with them ignored (as `nohup ... &` does)."""
+        """The CLI leads a session of its own and does not inherit ignored SIGINT or SIGHUP, also when the
+        daemon was started with them ignored (as `nohup ... &` does)."""
         script = os.path.abspath(self.mktemp())
         with open(script, "w") as f:
             f.write("#!/bin/sh\n"
                     "ign=$(grep SigIgn /proc/self/status | cut -f2)\n"
                     "sid=$(cut -d' ' -f6 /proc/$$/stat)\n"
-                    'echo "{\\"type\\":\\"system\\",\\"session_id\\":\\"s$$\\",\\"ign\\":\\"$ign\\",'
-                    '\\"pid\\":$$,\\"sid\\":$sid}"\n'
+                    'echo "{\\"type\\":\\"system\\",\\"ign\\":\\"$ign\\",\\"pid\\":$$,\\"sid\\":$sid}"\n'
                     'echo \'{"type":"result","is_error":false}\'\n')
         os.chmod(script, 0o755)
-        self.runs.executable = lambda: script
+        self.executable = script
         for ignored in (False, True):
             if ignored:
                 previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 self.addCleanup(signal.signal, signal.SIGHUP, previous)
-            run, stream = self.submit("hi")
-            yield run.done
+            turn, stream = self.submit("hi")
+            yield turn.ended
             init = stream.sse.events()[0]
             self.assertEqual(init["sid"], init["pid"])
             for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
                 self.assertFalse(int(init["ign"], 16) & (1 << (signum - 1)), (ignored, signum))
+            yield wait_for(lambda: not self.registry.live)
 
     @inlineCallbacks
     def test_prompt_larger_than_a_pipe(self) -> Any:
-        """A prompt too large to sit in a pipe is written by the reactor instead, and arrives whole."""
-        prompt = "é" * (3 << 20)
-        run, stream = self.submit(prompt)
-        yield run.done
+        """A prompt far larger than a pipe holds is written by the reactor as one JSON line, and reaches the CLI
+        whole."""
+        prompt = "é" * (1 << 20)
+        turn, stream = self.submit(prompt)
+        yield turn.ended
         self.assertEqual(stream.sse.events()[0]["fake"]["prompt"], prompt)
+        [row] = state_lines(self.state_dir, "turns.jsonl")
+        self.assertEqual(row["prompt"], prompt)
 
     @inlineCallbacks
     def test_survivors_holding_stdout_are_killed(self) -> Any:
-        """Processes the CLI leaves behind holding its stdout (in its group, or in a session of their own)
-        are killed when the CLI exits, so the run ends and frees its slot."""
+        """Processes the CLI leaves behind holding its stdout (in its group, or in a session of their own) are
+        killed when the CLI exits, so the process is seen to end and frees its place."""
         base = os.path.abspath(self.mktemp())
         os.makedirs(base)
         pids = os.path.join(base, "pids")
         script = os.path.join(base, "cli.sh")
         with open(script, "w") as f:
             f.write("#!/bin/sh\n"
-                    "echo '{\"type\":\"system\",\"subtype\":\"init\",\"session_id\":\"s-'$$'\"}'\n"
+                    "echo '{\"type\":\"system\",\"subtype\":\"init\"}'\n"
                     "sleep 1000 &\necho $! >> " + pids + "\n"
                     "setsid sleep 1000 &\necho $! >> " + pids + "\n"
                     "echo '{\"type\":\"result\",\"is_error\":false}'\n")
         os.chmod(script, 0o755)
-        self.runs.executable = lambda: script
-        run, stream = self.submit("hi")
-        yield run.done
+        self.executable = script
+        turn, stream = self.submit("hi")
+        yield turn.ended
         with open(pids) as f:
             survivors = [int(p) for p in f.read().split()]
         self.assertEqual(len(survivors), 2)
         yield wait_for(lambda: not any(pid_alive(p) for p in survivors))
+        yield wait_for(lambda: not self.registry.live)
         self.assertEqual(len(stream.sse.results()), 1)
-        self.assertEqual(self.runs.running, {})
+        self.assertEqual((self.registry.running, self.registry.turns), (0, {}))
 
     @inlineCallbacks
-    def test_session_id_only_after_commit_and_failed_commit(self) -> Any:
-        """No frame leaves before the session's row is committed; if the commit fails the stream ends with
-        one error result without the id, and the run still ends even though the CLI exited meanwhile."""
-        held: Deferred[None] = Deferred()
-        self.patch(self.store, "record", lambda sid, workspace: held)
-        run, stream = self.submit("[[fake lines=3]]")
-        pid = run.process.pid
-        yield wait_for(lambda: not pid_alive(pid))
-        yield sleep(0.2)
-        self.assertEqual(stream.sse.frames, [])
-        held.errback(RuntimeError("database is locked"))
-        yield run.done
-        [result] = stream.sse.results()
-        self.assertEqual(len(stream.sse.frames), 1)
-        self.assertEqual(result["terminal_reason"], "database_error")
-        self.assertIsNone(result["session_id"])
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.assertEqual(self.runs.running, {})
-
-    @inlineCallbacks
-    def test_waiting_turn_that_gives_up_returns_the_lock(self) -> Any:
-        """A turn waiting for the previous CLI to exit, then cancelled, hands the session lock back to
-        that still-running CLI instead of freeing the session."""
-        first, stream = self.submit("[[fake result_then_linger_ms=1500]]")
-        yield first.response
-        sid = first.reported_id
-        second = self.runs.submit(ClaudeRequest("next", sid), first.workspace, RecordingStream())
-        self.assertEqual(second.state, "queued")
-        second.interrupt("cancelled")
-        yield second.done
-        self.assertIs(self.runs.by_session[sid], first)
-        self.assertTrue(self.runs.busy(sid))
-        yield first.done
-        self.assertFalse(self.runs.busy(sid))
-
-    @inlineCallbacks
-    def test_stalled_client_ends_run(self) -> Any:
-        """A client that stops reading for the idle limit ends the run (it would hold a slot forever)."""
+    def test_stalled_client_ends_turn(self) -> Any:
+        """A client that reads nothing for the idle limit, while the CLI still prints, is dropped and its turn
+        interrupted; the turn's result in the log says the stalled client ended it, and the CLI stays warm."""
         self.limits.idle_timeout = 10
-        run, stream = self.submit("[[fake lines=1 hang=1]]")
+        turn, stream = self.submit("[[fake lines=1 delay_ms=600 hang=1]]")
         yield wait_for(lambda: stream.producer is not None and stream.sse.frames)
         stream.producer.pauseProducing()
-        self.clock.advance(10)
-        yield run.done
-        [result] = stream.sse.results()
+        self.clock.advance(5)
+        yield wait_for(lambda: turn.lines == 2)  # the CLI printed at +5 s: the turn itself is not idle
+        self.clock.advance(5)
+        yield turn.ended
+        log = SSEParser()
+        session = self.registry.sessions[turn.session_id]
+        log.feed(session.log.read(turn.start_offset, 1 << 20))
+        [result] = log.results()
         self.assertEqual((result["terminal_reason"], result["timeout"]), ("timeout", "client_stalled"))
-
-    @inlineCallbacks
-    def test_zero_grace_still_sends_sigterm(self) -> Any:
-        """With --kill-grace 0, SIGTERM follows SIGINT at once, before SIGKILL."""
-        self.limits.kill_grace = 0
-        run, stream = self.submit("[[fake hang=1 ignore_signals=1]]")
-        yield wait_for(lambda: stream.sse.frames)
-        run.interrupt("cancelled")
-        self.clock.advance(0)
-        yield wait_for(lambda: self.signals() == ["SIGINT", "SIGTERM"])
-        self.clock.advance(2)
-        yield run.done
+        self.assertEqual(turn.outcome, "timeout")
+        self.assertEqual(stream.sse.results(), [])
+        self.assertTrue(pid_alive(self.pid_of(turn)))
 
     @inlineCallbacks
     def test_run_timeout(self) -> Any:
-        """--run-timeout interrupts the run; its result says the run limit ended it."""
+        """--run-timeout interrupts the turn; its result says the run limit ended it, and the CLI stays warm
+        with no stop timer left."""
         self.limits.run_timeout = 30
-        run, stream = self.submit("[[fake hang=1]]")
+        turn, stream = self.submit("[[fake hang=1]]")
         yield wait_for(lambda: stream.sse.frames)
-        self.clock.advance(30)
-        yield run.done
+        self.clock.advance(29.9)
+        yield sleep(0.1)
+        self.assertEqual(interrupts(self.state_dir), [])
+        self.clock.advance(0.1)
+        yield turn.ended
         [result] = stream.sse.results()
         self.assertEqual((result["terminal_reason"], result["timeout"]), ("timeout", "run"))
         self.assertEqual(result["cli_terminal_reason"], "aborted_streaming")
-        self.assertEqual(run.outcome, "timeout")
+        self.assertEqual(turn.outcome, "timeout")
+        self.clock.advance(60)
+        yield sleep(0.1)
+        self.assertEqual(self.signals(), [])
+        self.assertTrue(pid_alive(self.pid_of(turn)))
 
     @inlineCallbacks
     def test_idle_timeout(self) -> Any:
-        """--idle-timeout counts from the last stdout, and interrupts a silent run."""
+        """--idle-timeout counts from the CLI's last line, and interrupts a turn that stays silent that long."""
         self.limits.idle_timeout = 10
-        run, stream = self.submit("[[fake hang=1]]")
+        turn, stream = self.submit("[[fake lines=1 delay_ms=600 hang=1]]")
         yield wait_for(lambda: stream.sse.frames)
-        self.clock.advance(9)
+        self.clock.advance(6)
+        yield wait_for(lambda: len(stream.sse.frames) == 2)
+        self.clock.advance(6)
         yield sleep(0.1)
-        self.assertEqual(stream.sse.results(), [])
-        self.clock.advance(1)
-        yield run.done
+        self.assertEqual((stream.sse.results(), interrupts(self.state_dir)), ([], []))
+        self.clock.advance(4)
+        yield turn.ended
         [result] = stream.sse.results()
         self.assertEqual((result["terminal_reason"], result["timeout"]), ("timeout", "idle"))
 
     @inlineCallbacks
     def test_keepalive(self) -> Any:
         """A silent stream gets an SSE comment every --keepalive seconds, and only while silent."""
-        run, stream = self.submit("[[fake hang=1]]")
+        turn, stream = self.submit("[[fake hang=1]]")
         yield wait_for(lambda: stream.sse.frames)
         self.clock.advance(14)
         self.assertEqual(stream.sse.comments, [])
@@ -270,24 +350,131 @@ class InProcessRuns(TestCase):
         self.assertEqual(stream.sse.comments, [b": keepalive"])
         self.clock.advance(15)
         self.assertEqual(len(stream.sse.comments), 2)
-        run.interrupt("cancelled")
-        yield run.done
+        self.registry.cancel(turn.session_id)
+        yield turn.ended
 
     @inlineCallbacks
-    def test_backpressure_pauses_stdout(self) -> Any:
-        """While the client side is paused, the CLI's stdout is not read; on resume all of it arrives."""
-        run, stream = self.submit("[[fake lines=100000 line_bytes=1000]]")
-        yield wait_for(lambda: stream.producer is not None and stream.sse.frames)
+    def test_slow_client_never_holds_the_cli_back(self) -> Any:
+        """While a client reads nothing, the CLI's whole turn still goes into the session's log (nothing is
+        written to the client meanwhile); when the client reads again it gets every event from disk, in order,
+        exactly once."""
+        turn, stream = self.submit("[[fake lines=10000 line_bytes=1000]]")
         stream.producer.pauseProducing()
-        yield sleep(0.3)
-        seen = len(stream.sse.raw)
-        yield sleep(0.5)
-        self.assertEqual(len(stream.sse.raw), seen)
-        self.assertLess(seen, 50_000_000)
+        yield turn.ended
+        self.assertEqual(bytes(stream.sse.raw), b"")
+        self.assertGreater(self.registry.sessions[turn.session_id].log.size(), 10_000_000)
         stream.producer.resumeProducing()
-        yield run.response
-        self.assertEqual(len(stream.sse.frames), 100002)
-        yield run.done
+        self.assertEqual(len(stream.sse.frames), 10002)
+        self.assertEqual(stream.sse.ids, list(range(1, 10003)))
+        self.assertEqual(len(stream.sse.results()), 1)
+        self.assertIsNone(stream.producer)
+
+    @inlineCallbacks
+    def test_shutdown_ladder(self) -> Any:
+        """Shutdown interrupts every running turn and closes every stdin: a CLI that obeys ends its turn with its
+        own result and exits, an idle one exits, and one that ignores the interrupt, SIGINT and SIGTERM gets
+        them all and then SIGKILL, with its tool in a session of its own; every turn ends with one result
+        saying server_shutdown and the shutdown completes once no process is left."""
+        idle, _ = self.submit("hi")
+        yield idle.ended
+        obeys, first = self.submit("[[fake hang=1]]")
+        stuck, second = self.submit("[[fake hang=1 ignore_interrupt=1 ignore_signals=1 grandchild=1]]")
+        yield wait_for(lambda: first.sse.frames and second.sse.frames)
+        pids = [self.pid_of(t) for t in (idle, obeys, stuck)] + self.grandchildren()
+        done = self.registry.shutdown()
+        yield obeys.ended
+        yield wait_for(lambda: not pid_alive(pids[0]) and not pid_alive(pids[1]))
+        self.assertEqual(first.sse.results()[0]["cli_terminal_reason"], "aborted_streaming")
+        self.clock.advance(5)
+        yield wait_for(lambda: self.signals() == ["SIGINT"])
+        self.clock.advance(2)
+        yield wait_for(lambda: self.signals() == ["SIGINT", "SIGTERM"])
+        self.assertFalse(done.called)
+        self.clock.advance(2)
+        yield done
+        for pid in pids:
+            self.assertFalse(pid_alive(pid), pid)
+        for stream in (first, second):
+            [result] = stream.sse.results()
+            self.assertEqual(result["terminal_reason"], "server_shutdown")
+        self.assertEqual(second.sse.results()[0]["signal"], signal.SIGKILL)
+
+
+class CommitBeforeTheId(SynchronousTestCase):
+    """The route in process (the harness: real routes, registry and SQL; CLIs played in memory)."""
+
+    def daemon(self, **limits: Any) -> harness.Daemon:
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        values: dict[str, Any] = {"spares": 1, "keepalive": 0, "idle_timeout": 0, "run_timeout": 0}
+        values.update(limits)
+        d = harness.Daemon(base, Limits(**values))
+        self.addCleanup(d.close)
+        return d
+
+    def test_session_id_only_after_commit_and_failed_commit(self) -> None:
+        """No byte of the answer leaves before the new session's row is committed; if the commit fails the
+        answer is a 500 JSON error, and the spare it took is stopped with its workspace removed; the next
+        new session works."""
+        d = self.daemon()
+        [spare] = d.world.clis
+        held: Deferred[None] = Deferred()
+        record = d.store.record
+        self.patch(d.store, "record", lambda sid, workspace: held if not held.called else record(sid, workspace))
+        stream = d.post({"prompt": "hi"})
+        self.assertEqual((stream.code, bytes(stream.sse.raw)), (0, b""))
+        self.assertEqual([m for m in spare.stdin if m["type"] == "user"], [])
+        held.errback(RuntimeError("database is locked"))
+        d.pump()
+        self.assertEqual(stream.code, 500)
+        self.assertEqual(json.loads(bytes(stream.sse.raw))["error"]["code"], "database_error")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertFalse(spare.alive)
+        self.assertFalse(os.path.exists(spare.cwd))
+        self.assertNotIn(spare.session_id, d.registry.sessions)
+        again = d.post({"prompt": "again"})
+        self.assertEqual((again.code, again.types()), (200, ["init", "assistant", "result"]))
+
+    def test_failed_commit_frees_its_place(self) -> None:
+        """A new session whose row could not be recorded gives its admission place back, whether it took a spare
+        or not: with one run slot and no queue, the next request is served, not refused with 503."""
+        for spares in (0, 1):
+            d = self.daemon(spares=spares, max_runs=1, max_queue=0, max_live=3)
+            record = d.store.record
+            self.patch(d.store, "record", lambda sid, workspace: fail(RuntimeError("database is locked")))
+            self.assertEqual(d.post({"prompt": "hi"}).code, 500)
+            self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+            self.patch(d.store, "record", record)
+            self.assertEqual(d.registry.turns, {}, f"spares={spares}")
+            self.assertEqual(d.post({"prompt": "again"}).code, 200, f"spares={spares}")
+
+
+
+class ShutdownOfAStuckProcess(SynchronousTestCase):
+    """Shutdown against a CLI played in memory (the harness), where the order of its answers is ours to choose."""
+
+    def test_ladder_goes_on_after_the_interrupted_turn_ends(self) -> None:
+        """At shutdown, a process whose interrupted turn ends but which does not exit when its stdin is closed
+        still gets SIGTERM and SIGKILL, so the shutdown completes."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        d = harness.Daemon(base, Limits(spares=0, keepalive=0, idle_timeout=0, run_timeout=0, kill_grace=5))
+        self.addCleanup(d.close)
+        d.world.hold_turns = True
+        stream = d.post({"prompt": "hi"})
+        [cli] = d.world.clis
+        cli.ignore_interrupt = True  # it answers a moment later, as a real process does
+        cli.stdin_closed = lambda: None  # type: ignore[method-assign]  # and it ignores stdin EOF
+        done = d.registry.shutdown()
+        d.pump()
+        cli.end_turn(interrupted=True)
+        d.pump()
+        self.assertEqual(stream.types()[-1], "result")
+        d.clock.advance(5 + 2 + 2)
+        self.assertIn(signal.SIGKILL, cli.signals)
+        self.assertFalse(cli.alive)
+        self.successResultOf(done)
+
 
 
 class RawClient(Protocol):
@@ -318,48 +505,56 @@ def raw_post(port: int, body: dict[str, Any]) -> Any:
     return proto
 
 
+def streaming(url: str, body: dict[str, Any], frames: list[bytes]) -> Deferred[Any]:
+    """POST and read the answer, appending each frame to C{frames} as it arrives."""
+    return post(url + "/api/claude", body, on_frame=lambda sse: frames.extend(sse.frames[len(frames):]))
+
+
 class DaemonLifecycle(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def start(self, *args: str) -> Any:
-        self.daemon = yield Daemon(self, *args).start()
+    def start(self, *args: str, spares: int = 0) -> Any:
+        self.daemon = yield Daemon(self, *args, spares=spares).start()
         return self.daemon
 
     @inlineCallbacks
-    def test_disconnect_stops_tree(self) -> Any:
-        """A client that goes away gets its run interrupted with SIGINT; the CLI and its grandchild in a
-        session of its own are gone afterwards, and the session stays resumable."""
-        daemon = yield self.start("--kill-grace", "1")
+    def test_disconnect_interrupts_the_turn(self) -> Any:
+        """A client that goes away gets its turn interrupted with the interrupt request (no signal): the tool
+        it ran in a session of its own is gone, the CLI stays warm, and the session's next turn runs in it."""
+        daemon = yield self.start()
         client = yield raw_post(daemon.port, {"prompt": "[[fake hang=1 grandchild=1]]"})
         yield client.got_data
         [call] = daemon.invocations()
         [grandchild] = daemon.grandchildren()
         client.transport.abortConnection()
-        yield wait_for(lambda: not pid_alive(call["pid"]) and not pid_alive(grandchild))
-        self.assertEqual(daemon.signals()[0], "SIGINT")
-        yield wait_for(lambda: "disconnected" in daemon.log)
+        yield wait_for(lambda: daemon.interrupts() == [call["pid"]] and not pid_alive(grandchild))
+        yield wait_for(lambda: ": disconnected," in daemon.log)
+        self.assertTrue(pid_alive(call["pid"]))
+        self.assertEqual(daemon.signals(), [])
         sid = daemon.rows()[0][0]
         reply = yield post(daemon.url + "/api/claude", {"prompt": "back", "session_id": sid})
         self.assertEqual(reply.status, 200)
+        self.assertEqual([t["pid"] for t in daemon.turns()], [call["pid"]] * 2)
 
     @inlineCallbacks
     def test_cancel_endpoint(self) -> Any:
-        """POST /api/sessions/<id>/cancel interrupts the running turn, whose stream ends with its result;
-        404 for an unknown session, 409 when nothing runs."""
+        """POST /api/sessions/<id>/cancel interrupts the running turn, whose stream ends with its one result
+        saying cancelled, and the CLI stays warm; 409 when nothing runs, 404 for an unknown session."""
         daemon = yield self.start()
         frames: list[bytes] = []
-        streaming = post(daemon.url + "/api/claude", {"prompt": "[[fake hang=1]]"},
-                         on_frame=lambda sse: frames.extend(sse.frames[len(frames):]))
+        running = streaming(daemon.url, {"prompt": "[[fake hang=1]]"}, frames)
         yield wait_for(lambda: frames)
         sid = json.loads(frames[0])["session_id"]
         reply = yield post(f"{daemon.url}/api/sessions/{sid}/cancel", {})
-        self.assertEqual(reply.status, 202)
-        stream = yield streaming
+        self.assertEqual((reply.status, reply.json()), (202, {"session_id": sid, "status": "cancelling"}))
+        stream = yield running
         [result] = stream.sse.results()
-        self.assertEqual(result["terminal_reason"], "cancelled")
-        yield wait_for(lambda: not pid_alive(daemon.invocations()[0]["pid"]))
-        yield wait_for(lambda: ": cancelled, exit" in daemon.log)
+        self.assertEqual((result["terminal_reason"], result["cli_terminal_reason"]), ("cancelled", "aborted_streaming"))
+        yield wait_for(lambda: f"{sid}: cancelled," in daemon.log)
+        [call] = daemon.invocations()
+        self.assertTrue(pid_alive(call["pid"]))
+        self.assertEqual((daemon.interrupts(), daemon.signals()), ([call["pid"]], []))
         reply = yield post(f"{daemon.url}/api/sessions/{sid}/cancel", {})
         self.assertEqual((reply.status, reply.json()["error"]["code"]), (409, "not_running"))
         reply = yield post(f"{daemon.url}/api/sessions/00000000-0000-4000-8000-000000000000/cancel", {})
@@ -367,53 +562,66 @@ class DaemonLifecycle(TestCase):
 
     @inlineCallbacks
     def test_one_turn_per_session(self) -> Any:
-        """A second turn for a session whose turn is running is refused with 409 session_busy at once,
-        and starts nothing; once the turn is over the session takes turns again."""
+        """A second turn for a session whose turn is running is refused with 409 session_busy at once and
+        reaches no CLI; once the turn is over the session takes turns again, in the same process."""
         daemon = yield self.start()
         first = yield post(daemon.url + "/api/claude", {"prompt": "hi"})
-        sid = first.sse.events()[0]["session_id"]
+        sid = first.session_id
         frames: list[bytes] = []
-        running = post(daemon.url + "/api/claude", {"prompt": "[[fake hang=1]]", "session_id": sid},
-                       on_frame=lambda sse: frames.extend(sse.frames[len(frames):]))
+        running = streaming(daemon.url, {"prompt": "[[fake hang=1]]", "session_id": sid}, frames)
         yield wait_for(lambda: frames)
         busy = yield post(daemon.url + "/api/claude", {"prompt": "me too", "session_id": sid})
         self.assertEqual((busy.status, busy.json()["error"]["code"]), (409, "session_busy"))
-        self.assertEqual(len(daemon.invocations()), 2)
+        self.assertEqual(len(daemon.turns()), 2)
         yield post(f"{daemon.url}/api/sessions/{sid}/cancel", {})
         yield running
         after = yield post(daemon.url + "/api/claude", {"prompt": "now", "session_id": sid})
         self.assertEqual(after.status, 200)
+        self.assertEqual([t["prompt"] for t in daemon.turns()], ["hi", "[[fake hang=1]]", "now"])
+        self.assertEqual(len(daemon.invocations()), 1)
 
     @inlineCallbacks
     def test_back_to_back_turns(self) -> Any:
-        """A turn sent right after the previous result, while that CLI is still exiting, waits for the
-        exit instead of failing, and the two CLIs never overlap."""
+        """A turn sent right after the previous result goes to the same warm process at once; a turn that
+        needs other spawn options waits until that process has been put to sleep (stdin closed, no signal),
+        then resumes the session in a new process with those options."""
         daemon = yield self.start()
-        first = yield post(daemon.url + "/api/claude", {"prompt": "[[fake result_then_linger_ms=700]]"})
-        sid = first.sse.events()[0]["session_id"]
-        second = yield post(daemon.url + "/api/claude", {"prompt": "next", "session_id": sid})
+        first = yield post(daemon.url + "/api/claude", {"prompt": "one"})
+        sid = first.session_id
+        second = yield post(daemon.url + "/api/claude", {"prompt": "two", "session_id": sid})
         self.assertEqual(second.status, 200)
-        a, b = daemon.invocations()
-        self.assertGreaterEqual(b["started_at"], a["started_at"] + 0.7)
+        [call] = daemon.invocations()
+        self.assertEqual([t["pid"] for t in daemon.turns()], [call["pid"]] * 2)
+        third = yield post(daemon.url + "/api/claude", {"prompt": "three", "session_id": sid,
+                                                        "allowedTools": ["Edit"]})
+        self.assertFalse(third.sse.results()[0]["is_error"])
+        old, new = daemon.invocations()
+        self.assertFalse(pid_alive(old["pid"]))
+        self.assertEqual(daemon.signals(), [])
+        self.assertIn(f"--resume={sid}", new["argv"])
+        self.assertEqual(daemon.turns()[-1]["allowed_tools"], ["Edit"])
+        self.assertEqual(third.sse.ids[0], second.sse.ids[-1] + 1)
 
     @inlineCallbacks
     def test_capacity_and_queue(self) -> Any:
-        """With --max-runs 1 --max-queue 1 a second request waits, a third gets 503 with Retry-After,
-        and the waiting one starts when the first ends; a waiting client that leaves frees its place."""
+        """With --max-runs 1 --max-queue 1 a second turn waits (its stream says it is queued), a third gets
+        503 with Retry-After, and the waiting one starts when the first ends; a waiting client that leaves
+        frees its place without a CLI ever being started for it, and its new session leaves nothing."""
         daemon = yield self.start("--max-runs", "1", "--max-queue", "1")
         frames: list[bytes] = []
-        first = post(daemon.url + "/api/claude", {"prompt": "[[fake hang=1]]"},
-                     on_frame=lambda sse: frames.extend(sse.frames[len(frames):]))
+        first = streaming(daemon.url, {"prompt": "[[fake hang=1]]"}, frames)
         yield wait_for(lambda: frames)
         waiting = yield raw_post(daemon.port, {"prompt": "queued"})
-        yield wait_for(lambda: b"200 OK" in waiting.data)
+        yield waiting.got_data
+        self.assertIn(b'"subtype":"queued","position":1', waiting.data)
         full = yield post(daemon.url + "/api/claude", {"prompt": "no room"})
         self.assertEqual(full.status, 503)
         self.assertEqual(full.header("Retry-After"), "5")
         self.assertEqual(full.json()["error"]["code"], "server_busy")
-        self.assertEqual(len(daemon.invocations()), 1)
         waiting.transport.abortConnection()
-        yield wait_for(lambda: "interrupted: disconnected" in daemon.log)
+        yield wait_for(lambda: ": disconnected," in daemon.log)
+        self.assertEqual(len(daemon.invocations()), 1)
+        self.assertEqual((len(daemon.rows()), len(daemon.workspaces())), (1, 1))  # the one that left is gone
         queued = post(daemon.url + "/api/claude", {"prompt": "queued again"})
         yield sleep(0.2)
         self.assertEqual(len(daemon.invocations()), 1)
@@ -421,49 +629,68 @@ class DaemonLifecycle(TestCase):
         yield post(f"{daemon.url}/api/sessions/{sid}/cancel", {})
         reply = yield queued
         self.assertEqual(reply.status, 200)
-        self.assertEqual(reply.sse.events()[0]["fake"]["prompt"], "queued again")
+        self.assertEqual([e.get("subtype") for e in reply.sse.events()][:2], ["queued", "init"])
+        self.assertEqual(reply.sse.events()[1]["fake"]["prompt"], "queued again")
         self.assertEqual(len(daemon.invocations()), 2)
         yield first
 
     @inlineCallbacks
     def test_shutdown_ends_streams_and_processes(self) -> Any:
-        """SIGTERM to twistd sends each open stream a result with terminal_reason server_shutdown,
-        leaves no CLI process behind (even one that ignores signals), and exits within the grace + 5 s."""
-        daemon = yield self.start("--kill-grace", "1")
+        """SIGTERM to twistd ends each open stream with one result saying server_shutdown (the CLI's own after
+        the interrupt request, or after SIGINT for a CLI that ignores the request), leaves no CLI process
+        behind (idle, spare, running, and the tool one left in a session of its own) and exits cleanly and
+        promptly. (The whole ladder, up to SIGKILL, is proved on a Clock in L{InProcessSessions}.)"""
+        daemon = yield self.start("--kill-grace", "0.2", spares=1)
+        idle = yield post(daemon.url + "/api/claude", {"prompt": "hi"})
+        self.assertEqual(idle.status, 200)
         streams = []
-        for prompt in ("[[fake hang=1]]", "[[fake hang=1 ignore_signals=1 grandchild=1]]"):
+        for prompt in ("[[fake hang=1]]", "[[fake hang=1 ignore_interrupt=1 grandchild=1]]"):
             frames: list[bytes] = []
-            streams.append(post(daemon.url + "/api/claude", {"prompt": prompt},
-                                on_frame=lambda sse, frames=frames: frames.extend(sse.frames[len(frames):])))
+            streams.append(streaming(daemon.url, {"prompt": prompt}, frames))
             yield wait_for(lambda frames=frames: frames)
+        yield wait_for(lambda: len(daemon.invocations()) == 4)  # three sessions and a spare
         pids = [c["pid"] for c in daemon.invocations()] + daemon.grandchildren()
         started = time.monotonic()
         yield daemon.stop()
-        self.assertLess(time.monotonic() - started, 1 + 5)
+        self.assertLess(time.monotonic() - started, 3)
         self.assertTrue(daemon.exited_cleanly(), daemon.log)
         self.assertNotIn("Traceback", daemon.log)
-        for streaming in streams:
-            reply = yield streaming
+        results = []
+        for stream in streams:
+            reply = yield stream
             [result] = reply.sse.results()
+            self.assertEqual(reply.sse.events()[-1], result)
             self.assertEqual(result["terminal_reason"], "server_shutdown")
+            results.append(result)
+        self.assertEqual([r["cli_terminal_reason"] for r in results], ["aborted_streaming"] * 2)
+        stuck = next(t["pid"] for t in daemon.turns() if "ignore_interrupt" in t["prompt"])
+        self.assertIn((stuck, "SIGINT"), signalled(daemon.state_dir))
         for pid in pids:
             self.assertFalse(pid_alive(pid), pid)
 
     @inlineCallbacks
     def test_sessions_survive_kill_9(self) -> Any:
-        """After kill -9 of the daemon and a restart on the same data dir, every session is resumable."""
-        daemon = yield self.start()
+        """After kill -9 of the daemon its CLIs exit on their own (stdin closed), and a daemon restarted on
+        the same data dir resumes every session under its id, with event ids going on from the old log."""
+        daemon = yield self.start(spares=1)
         sids = []
-        for _ in range(3):
+        for _ in range(2):
             reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"})
-            sids.append(reply.sse.events()[0]["session_id"])
+            sids.append(reply.session_id)
+        yield wait_for(lambda: len(daemon.invocations()) == 3)  # two sessions and a spare
+        old = [c["pid"] for c in daemon.invocations()]
         daemon.signal(signal.SIGKILL)
         yield daemon.proto.ended
+        yield wait_for(lambda: not any(pid_alive(pid) for pid in old))
         again = Daemon(self)
         again.data_dir = daemon.data_dir
+        again.state_dir = daemon.state_dir
+        again.env["FAKE_STATE_DIR"] = daemon.state_dir
         again.args[again.args.index("--data-dir") + 1] = daemon.data_dir
         yield again.start()
         for sid in sids:
             reply = yield post(again.url + "/api/claude", {"prompt": "back", "session_id": sid})
             self.assertEqual(reply.status, 200)
-            self.assertEqual(reply.sse.events()[0]["session_id"], sid)
+            self.assertEqual({e["session_id"] for e in reply.sse.events()}, {sid})
+            self.assertEqual(reply.sse.ids, [4, 5, 6])
+            self.assertIn(f"--resume={sid}", again.invocations()[-1]["argv"])

@@ -21,11 +21,17 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.support import Daemon, pid_alive, wait_for
+from tests.support import Daemon, pid_alive, post, wait_for
 from tests.test_openwebui_pipe_units import load_pipe_module
 
 MARKER = re.compile(r"\nsession_id=([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\Z")
-FAKE_TEXT = "MOCK-REPLY: hello"  # the assistant text of recording a_hello, whatever the prompt
+
+
+def reply_to(prompt: str) -> str:
+    """The start of the fake's answer to a prompt (the recordings' mock API: ``MOCK-REPLY: <prompt> [...]``)."""
+    return f"MOCK-REPLY: {prompt} [len={len(prompt)} "
+
+
 UNKNOWN_SESSION = "0b9e7c1a-6f2d-4c3b-9a8e-1d2c3b4a5f60"
 
 
@@ -118,6 +124,19 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+@inlineCallbacks
+def wait_stopped(test: TestCase, daemon: Daemon, pid: int) -> Any:
+    """The turn of CLI C{pid} was interrupted because its client left: the interrupt request reached it, the
+    turn ended, no signal was needed, and the process is still up for the session's next turn."""
+    sid = next(t["session_id"] for t in daemon.turns() if t["pid"] == pid)
+    yield wait_for(lambda: daemon.interrupts().count(pid) == 1)
+    yield wait_for(lambda: f"{sid}: disconnected," in daemon.log)
+    test.assertEqual(daemon.signals(), [])
+    test.assertTrue(pid_alive(pid))
+    reply = yield post(daemon.url + "/api/claude", {"prompt": "still there?", "session_id": sid})
+    test.assertEqual((reply.status, daemon.turns()[-1]["pid"]), (200, pid))
+
+
 class PipeAgainstDaemon(TestCase):
     """Conversations through the pipe with a real claudesrv and the fake CLI."""
 
@@ -136,13 +155,13 @@ class PipeAgainstDaemon(TestCase):
         ``session_id=<uuid>`` line for that session, and the status line ends with done True."""
         daemon = yield Daemon(self).start()
         turn = yield run_pipe(make_pipe(base_url=daemon.url), chat(user("hello")), __chat_id__="chat-1")
-        self.assertIn(FAKE_TEXT, turn.text)
+        self.assertIn(reply_to("hello"), turn.text)
         session = turn.session_id()
         self.assertIsNotNone(session, turn.text)
         [call] = daemon.invocations()
-        self.assertEqual(call["session_id"], session)
-        self.assertEqual(call["prompt"], "hello")
-        self.assertNotIn("--resume", call["argv"])
+        self.assertIn(f"--session-id={session}", call["argv"])
+        [sent] = daemon.turns()
+        self.assertEqual((sent["session_id"], sent["prompt"]), (session, "hello"))
         self.check_finished(turn)
         self.assertEqual(turn.statuses()[0], ("Starting Claude Code…", False))
         self.assertTrue(turn.statuses()[-1][0].startswith("Done"), turn.statuses())
@@ -150,7 +169,7 @@ class PipeAgainstDaemon(TestCase):
     @inlineCallbacks
     def test_second_turn_resumes_from_history(self) -> Any:
         """A later message resumes the session named by the marker in the history (string or
-        list-of-parts content alike), in the first run's workspace; a fresh Pipe finds it, so it
+        list-of-parts content alike), in the session's own warm CLI process; a fresh Pipe finds it, so it
         comes from the history and not from the pipe's memory."""
         daemon = yield Daemon(self).start()
         first = yield run_pipe(make_pipe(base_url=daemon.url), chat(user("hello")))
@@ -169,15 +188,13 @@ class PipeAgainstDaemon(TestCase):
                  assistant(second.stored),
                  user([{"type": "text", "text": "third"}, {"type": "image_url", "image_url": {"url": "x"}}])]
         third = yield run_pipe(make_pipe(base_url=daemon.url), chat(*parts))
-        self.assertIn(FAKE_TEXT, third.text)
+        self.assertIn(reply_to("third"), third.text)
         self.assertEqual(third.session_id(), session)
 
-        calls = daemon.invocations()
-        self.assertEqual([c["prompt"] for c in calls], ["hello", "again", "third"])
-        for call in calls[1:]:
-            argv = call["argv"]
-            self.assertEqual(argv[argv.index("--resume") + 1], session)
-            self.assertEqual(call["cwd"], calls[0]["cwd"])
+        turns = daemon.turns()
+        self.assertEqual([t["prompt"] for t in turns], ["hello", "again", "third"])
+        [call] = daemon.invocations()
+        self.assertEqual({(t["session_id"], t["pid"]) for t in turns}, {(session, call["pid"])})
 
     @inlineCallbacks
     def test_chat_id_fallback(self) -> Any:
@@ -192,30 +209,32 @@ class PipeAgainstDaemon(TestCase):
         self.assertEqual(second.session_id(), session)
         other = yield run_pipe(pipe, chat(*summary), __chat_id__="chat-8")
         self.assertNotEqual(other.session_id(), session)
-        argvs = [c["argv"] for c in daemon.invocations()]
-        self.assertEqual(argvs[1][argvs[1].index("--resume") + 1], session)
-        self.assertNotIn("--resume", argvs[2])
+        self.assertEqual([t["session_id"] for t in daemon.turns()], [session, session, other.session_id()])
+        self.assertEqual(len(daemon.invocations()), 2)
 
     @inlineCallbacks
     def test_parameters_carry_over(self) -> Any:
         """allowedTools and dangerously-skip-permissions typed in an earlier user message reach the
-        CLI on that turn and on later turns; the parameter lines are not part of the prompt."""
+        CLI on that turn and on later turns (the same process, started with them); the parameter lines are not
+        part of the prompt."""
         daemon = yield Daemon(self, "--sandboxed").start()
         opening = 'allowedTools=["Bash","Edit"]\ndangerously-skip-permissions=true\nlist the files'
         first = yield run_pipe(make_pipe(base_url=daemon.url), chat(user(opening)))
-        self.assertIn(FAKE_TEXT, first.text)
+        self.assertIn(reply_to("list the files"), first.text)
         second = yield run_pipe(make_pipe(base_url=daemon.url),
                                 chat(user(opening), assistant(first.stored), user("and now the dirs")))
-        self.assertIn(FAKE_TEXT, second.text)
-        calls = daemon.invocations()
-        self.assertEqual([c["prompt"] for c in calls], ["list the files", "and now the dirs"])
-        for call in calls:
-            argv = call["argv"]
-            self.assertIn("--dangerously-skip-permissions", argv)
-            at = argv.index("--allowedTools")
-            self.assertEqual(argv[at + 1:at + 3], ["Bash", "Edit"])
-            self.assertEqual(call["env"].get("IS_SANDBOX"), "1")
-        self.assertEqual(calls[1]["argv"][calls[1]["argv"].index("--resume") + 1], first.session_id())
+        self.assertIn(reply_to("and now the dirs"), second.text)
+        turns = daemon.turns()
+        self.assertEqual([t["prompt"] for t in turns], ["list the files", "and now the dirs"])
+        for turn in turns:
+            self.assertEqual((turn["allowed_tools"], turn["skip_permissions"]), (["Bash", "Edit"], True))
+            self.assertEqual(turn["session_id"], first.session_id())
+        [call] = daemon.invocations()
+        argv = call["argv"]
+        self.assertIn("--dangerously-skip-permissions", argv)
+        at = argv.index("--allowedTools")
+        self.assertEqual(argv[at + 1:at + 3], ["Bash", "Edit"])
+        self.assertEqual(call["env"].get("IS_SANDBOX"), "1")
 
     @inlineCallbacks
     def test_skip_permissions_refused(self) -> Any:
@@ -241,7 +260,7 @@ class PipeAgainstDaemon(TestCase):
 
         off = yield run_pipe(make_pipe(base_url=daemon.url),
                              chat(asked, assistant(turn.stored), user("dangerously-skip-permissions=false\nls")))
-        self.assertIn(FAKE_TEXT, off.text)
+        self.assertIn(reply_to("ls"), off.text)
         [call] = daemon.invocations()
         self.assertNotIn("--dangerously-skip-permissions", call["argv"])
 
@@ -260,7 +279,7 @@ class PipeAgainstDaemon(TestCase):
         self.assertEqual(json.loads(tags.text), {"tags": []})
         other = yield run_pipe(pipe, body, __task__="query_generation", __task_body__=body)
         self.assertEqual(other.text, "")
-        self.assertEqual(daemon.invocations(), [])
+        self.assertEqual(daemon.turns(), [])
         self.assertNotIn("/api/claude", daemon.log)
 
 
@@ -276,21 +295,25 @@ class ErrorsRendered(TestCase):
 
     @inlineCallbacks
     def test_is_error_result(self) -> Any:
-        """A run whose result says is_error (API error 500) shows the CLI's message, the reason and
-        the API status, and still ends with the session marker."""
-        daemon = yield Daemon(self).start()
+        """A turn whose result from the CLI says is_error (here the CLI refuses to resume a session whose
+        transcript is gone) shows the CLI's message and the result's subtype, and still ends with the session
+        marker."""
+        daemon = yield Daemon(self, "--warm-idle", "0.2").start()
+        first = yield run_pipe(make_pipe(base_url=daemon.url), chat(user("hello")))
+        session = first.session_id()
+        [call] = daemon.invocations()
+        yield wait_for(lambda: not pid_alive(call["pid"]))
+        os.remove(os.path.join(daemon.state_dir, "sessions", str(session)))
         turn = yield run_pipe(make_pipe(base_url=daemon.url),
-                              chat(user("[[fake replay=g2_fail500_maxretries0]] hi")))
-        self.assertIn("**Claude Code failed:** API Error: 500 Internal server error.", turn.text)
-        self.assertIn("reason: api_error", turn.text)
-        self.assertIn("API status 500", turn.text)
-        self.assertEqual(turn.session_id(), daemon.invocations()[0]["session_id"])
-        self.assertFailedStatus(turn, "Failed: api_error")
+                              chat(user("hello"), assistant(first.stored), user("again")))
+        self.assertIn(f"**Claude Code failed:** No conversation found with session ID: {session}", turn.text)
+        self.assertEqual(turn.session_id(), session)
+        self.assertFailedStatus(turn, "Failed: error_during_execution")
 
     @inlineCallbacks
     def test_cli_failure_with_only_stderr(self) -> Any:
         """A CLI that prints nothing on stdout and exits 3 with ``boom`` on stderr: the answer says
-        Claude Code failed, with the exit code and the stderr text; no session marker."""
+        Claude Code failed, with the exit code and the stderr text."""
         daemon = yield Daemon(self).start()
         turn = yield run_pipe(make_pipe(base_url=daemon.url),
                               chat(user("[[fake no_init=1 exit=3 stderr=boom]] hi")))
@@ -298,8 +321,21 @@ class ErrorsRendered(TestCase):
         self.assertIn("exit code 3", turn.text)
         self.assertIn("<summary>stderr</summary>", turn.text)
         self.assertIn("boom", turn.text)
-        self.assertIsNone(turn.session_id(), turn.text)
         self.assertFailedStatus(turn)
+
+    @inlineCallbacks
+    def test_no_marker_for_a_session_that_never_came_to_be(self) -> Any:
+        """When the CLI of a chat's first message fails before saying anything, the server removes the new
+        session, so the answer carries no session marker and the chat's next message starts a new session
+        (it is not refused as an unknown session)."""
+        daemon = yield Daemon(self).start()
+        failed = yield run_pipe(make_pipe(base_url=daemon.url), chat(user("[[fake no_init=1 exit=3]] hi")))
+        self.assertIsNone(failed.session_id(), failed.text)
+        again = yield run_pipe(make_pipe(base_url=daemon.url),
+                               chat(user("[[fake no_init=1 exit=3]] hi"), assistant(failed.stored), user("hello")))
+        self.assertIn(reply_to("hello"), again.text)
+        self.assertIsNotNone(again.session_id())
+
 
     @inlineCallbacks
     def test_unknown_session(self) -> Any:
@@ -326,9 +362,9 @@ class ErrorsRendered(TestCase):
             self.assertIn("`api_token` valve", turn.text)
             self.assertIsNone(turn.session_id())
             self.assertEqual(turn.statuses()[-1], ("Refused (HTTP 401)", True))
-        self.assertEqual(daemon.invocations(), [])
+        self.assertEqual(daemon.turns(), [])
         good = yield run_pipe(make_pipe(base_url=daemon.url, api_token="secret"), chat(user("hello")))
-        self.assertIn(FAKE_TEXT, good.text)
+        self.assertIn(reply_to("hello"), good.text)
         self.assertIsNotNone(good.session_id())
 
     @inlineCallbacks
@@ -344,16 +380,16 @@ class ErrorsRendered(TestCase):
     @inlineCallbacks
     def test_idle_timeout(self) -> Any:
         """A run that goes silent (no keepalives) longer than the idle_timeout valve: the pipe stops
-        waiting, says so, keeps the session marker, and closing the stream stops the CLI."""
+        waiting, says so, keeps the session marker, and closing the stream interrupts the turn (the CLI
+        stays up for the session's next turn)."""
         daemon = yield Daemon(self, "--keepalive", "0").start()
-        turn = yield run_pipe(make_pipe(base_url=daemon.url, idle_timeout=1), chat(user("[[fake hang=1]] hi")))
-        self.assertIn("**claudesrv sent nothing for 1 s**", turn.text)
+        turn = yield run_pipe(make_pipe(base_url=daemon.url, idle_timeout=0.5), chat(user("[[fake hang=1]] hi")))
+        self.assertIn("**claudesrv sent nothing for 0.5 s**", turn.text)
         self.assertIn("`idle_timeout` valve", turn.text)
         [call] = daemon.invocations()
         self.assertEqual(turn.session_id(), call["session_id"])
         self.assertFailedStatus(turn)
-        yield wait_for(lambda: not pid_alive(call["pid"]))
-        self.assertEqual(daemon.signals()[:1], ["SIGINT"])
+        yield wait_stopped(self, daemon, call["pid"])
 
 
 class Cancellation(TestCase):
@@ -362,15 +398,16 @@ class Cancellation(TestCase):
     timeout = 30
 
     @inlineCallbacks
-    def test_aclose_stops_the_run(self) -> Any:
-        """Closing the pipe's generator after the first text (``aclose``) closes the HTTP stream: the
-        fake CLI gets SIGINT and exits, and the status line ends as Stopped, done."""
+    def test_stop_interrupts_the_turn(self) -> Any:
+        """Closing the pipe's generator after the first text (``aclose``), or cancelling the task that reads
+        it while it waits for data (no text yet, as when Open WebUI cancels a chat's task), closes the HTTP
+        stream: the turn is interrupted (the CLI stays up), and the status line ends as Stopped, done."""
         daemon = yield Daemon(self).start()
         pipe = make_pipe(base_url=daemon.url)
-        recorder = Recorder()
+        closing = Recorder()
 
         async def stop_after_first_text() -> str:
-            answer = pipe.pipe(chat(user("[[fake lines=1 hang=1]] work")), __event_emitter__=recorder)
+            answer = pipe.pipe(chat(user("[[fake lines=1 hang=1]] work")), __event_emitter__=closing)
             first: str = await answer.__anext__()
             await answer.aclose()
             return first
@@ -378,24 +415,17 @@ class Cancellation(TestCase):
         first = yield in_thread(stop_after_first_text)
         self.assertTrue(first.strip(), first)
         [call] = daemon.invocations()
-        yield wait_for(lambda: not pid_alive(call["pid"]))
-        self.assertEqual(daemon.signals(), ["SIGINT"])
-        self.assertEqual(recorder.statuses()[-1], ("Stopped", True))
+        yield wait_stopped(self, daemon, call["pid"])
+        self.assertEqual(closing.statuses()[-1], ("Stopped", True))
 
-    @inlineCallbacks
-    def test_task_cancel_while_waiting(self) -> Any:
-        """Cancelling the task that reads the generator while it waits for data (no text yet, as when
-        Open WebUI cancels a chat's task) also closes the stream and interrupts the CLI."""
-        daemon = yield Daemon(self).start()
-        pipe = make_pipe(base_url=daemon.url)
-        recorder = Recorder()
+        cancelling = Recorder()
 
         async def cancel_when_working() -> bool:
             async def consume() -> list[str]:
-                return [c async for c in pipe.pipe(chat(user("[[fake hang=1]] work")), __event_emitter__=recorder)]
+                return [c async for c in pipe.pipe(chat(user("[[fake hang=1]] work")), __event_emitter__=cancelling)]
 
             task = asyncio.ensure_future(consume())
-            while ("Claude Code is working…", False) not in recorder.statuses():
+            while ("Claude Code is working…", False) not in cancelling.statuses():
                 await asyncio.sleep(0.02)
             task.cancel()
             try:
@@ -406,8 +436,7 @@ class Cancellation(TestCase):
 
         cancelled = yield in_thread(cancel_when_working)
         self.assertTrue(cancelled)
-        [call] = daemon.invocations()
-        yield wait_for(lambda: not pid_alive(call["pid"]))
-        self.assertEqual(daemon.signals(), ["SIGINT"])
-        self.assertEqual(recorder.statuses()[-1], ("Stopped", True))
-
+        second = daemon.invocations()[-1]
+        self.assertNotEqual(second["pid"], call["pid"])
+        yield wait_stopped(self, daemon, second["pid"])
+        self.assertEqual(cancelling.statuses()[-1], ("Stopped", True))

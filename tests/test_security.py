@@ -1,6 +1,7 @@
 """
-Security and bad input, against a real twistd: every bad request gets its status and a JSON error and
-leaves nothing behind; the daemon is closed by default and opens only on purpose.
+Security and bad input, against a real twistd (the workspace containment check, which only needs the route
+and the database, in the in-process harness): every bad request gets its status and a JSON error and leaves
+nothing behind; the daemon is closed by default and opens only on purpose.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Any
 
 import treq
 from twisted.internet import reactor, ssl, utils
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseNeverReceived
 
+from tests import harness
 from tests.support import TWISTD, Daemon, SSEParser, post, wait_for
 from tests.test_lifecycle import RawClient
 
@@ -112,6 +114,16 @@ BAD_REQUESTS: list[tuple[str, bytes, str, dict[str, str], bytes, int, str]] = [
      b"", 400, "invalid_query"),
     ("get unknown", b"GET", f"/api/sessions/{UUID}", AUTH, b"", 404, "session_not_found"),
     ("delete unknown", b"DELETE", f"/api/sessions/{UUID}", AUTH, b"", 404, "session_not_found"),
+    ("detach as string", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", detach="yes"), 400, "invalid_field"),
+    ("events unknown", b"GET", f"/api/sessions/{UUID}/events", AUTH, b"", 404, "session_not_found"),
+    ("events not uuid", b"GET", "/api/sessions/abc/events", AUTH, b"", 404, "session_not_found"),
+    ("events bad after", b"GET", f"/api/sessions/{UUID}/events?after=-1", AUTH, b"", 400, "invalid_query"),
+    ("events huge after", b"GET", f"/api/sessions/{UUID}/events?after=" + "9" * 30, AUTH, b"", 400, "invalid_query"),
+    ("events bad Last-Event-ID", b"GET", f"/api/sessions/{UUID}/events", {**AUTH, "Last-Event-ID": "1e3"}, b"",
+     400, "invalid_query"),
+    ("events bad follow", b"GET", f"/api/sessions/{UUID}/events?follow=all", AUTH, b"", 400, "invalid_query"),
+    ("events POST", b"POST", f"/api/sessions/{UUID}/events", {**AUTH, **JSON}, b"{}", 405, "method_not_allowed"),
+    ("events no token", b"GET", f"/api/sessions/{UUID}/events", {}, b"", 401, "unauthorized"),
     ("preflight foreign origin", b"OPTIONS", "/api/claude",
      {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}, b"", 403, "origin_not_allowed"),
 ]
@@ -122,13 +134,18 @@ class BadRequestTable(TestCase):
 
     @inlineCallbacks
     def test_table(self) -> Any:
-        """Each bad request gets its status and a JSON error naming the problem; afterwards a good request
-        still works and the data dir holds nothing from the bad ones: no row, no workspace, no CLI run."""
+        """Each bad request gets its status and a JSON error naming the problem; afterwards the data dir holds
+        nothing from the bad ones (no row, no event log, no workspace and no CLI but the spare's, no turn), and a
+        good request still works, in the spare, whose environment has no API token."""
         daemon = yield Daemon(self, "--skip-permissions", "deny", "--max-prompt", "2000", "--max-body", "4096",
-                              env={"CLAUDESRV_AUTH_TOKENS": f"other,{TOKEN}"}).start()
-        self.assertGreaterEqual(len(BAD_REQUESTS), 40)
+                              env={"CLAUDESRV_AUTH_TOKENS": f"other,{TOKEN}"}, spares=1).start()
+        self.assertGreaterEqual(len(BAD_REQUESTS), 60)
+        yield wait_for(lambda: len(daemon.invocations()) == 1)
+        [spare] = daemon.invocations()
         for name, method, path, headers, body, status, code in BAD_REQUESTS:
-            hdrs = {"Host": f"127.0.0.1:{daemon.port}", **headers}
+            hdrs: dict[bytes | str, bytes | str] = {"Host": f"127.0.0.1:{daemon.port}"}
+            for key, value in headers.items():
+                hdrs[key] = value
             response = yield treq.request(method.decode(), daemon.url + path, headers=hdrs, data=body or None,
                                           persistent=False)
             content = yield response.content()
@@ -139,15 +156,20 @@ class BadRequestTable(TestCase):
             if status == 401:
                 self.assertEqual(response.headers.getRawHeaders("WWW-Authenticate"), ['Bearer realm="claudesrv"'])
         self.assertEqual(daemon.rows(), [])
-        self.assertEqual(daemon.workspaces(), [])
-        self.assertEqual(daemon.invocations(), [])
+        self.assertEqual(daemon.workspaces(), [os.path.basename(spare["cwd"])])
+        events = os.path.join(daemon.data_dir, "events")
+        spare_id = os.path.basename(spare["cwd"])[len("session-"):]
+        self.assertLessEqual(set(os.listdir(events) if os.path.isdir(events) else []), {spare_id})
+        self.assertEqual(daemon.invocations(), [spare])
+        self.assertEqual([m["request"]["subtype"] for m in daemon.stdin()], ["initialize"])
+        self.assertEqual(daemon.turns(), [])
         good = yield post(daemon.url + "/api/claude", {"prompt": "hello"}, headers=AUTH)
         self.assertEqual(good.status, 200)
         self.assertEqual(len(good.sse.results()), 1)
-        self.assertEqual(len(daemon.rows()), 1)
-        self.assertEqual(len(daemon.workspaces()), 1)
+        self.assertEqual(daemon.rows(), [(good.session_id, spare["cwd"])])
+        self.assertEqual([t["pid"] for t in daemon.turns()], [spare["pid"]])
         self.assertNotIn(TOKEN, daemon.log)
-        env = daemon.invocations()[0]["env"]
+        env = spare["env"]
         self.assertIn("CLAUDESRV_RUN_ID", env)
         self.assertNotIn("CLAUDESRV_AUTH_TOKENS", env, "the CLI and its tools must not see the API tokens")
 
@@ -168,9 +190,10 @@ class ListeningPolicy(TestCase):
     def test_refuses_open_listener_without_token(self) -> Any:
         """A listener beyond loopback (wildcard, external, TLS, unix) without a token stops the daemon
         at start with a message that names the options to use."""
-        for listen in ("tcp:0", "tcp:0:interface=0.0.0.0", "unix:/tmp/claudesrv-test.sock",
-                       "ssl:0:privateKey=k.pem:certKey=c.pem:interface=127.0.0.1"):
-            text, code = yield self.run_twistd("--listen", listen)
+        listens = ("tcp:0", "tcp:0:interface=0.0.0.0", "unix:/tmp/claudesrv-test.sock",
+                   "ssl:0:privateKey=k.pem:certKey=c.pem:interface=127.0.0.1")
+        runs = yield gatherResults([self.run_twistd("--listen", listen) for listen in listens])
+        for listen, (text, code) in zip(listens, runs, strict=True):
             self.assertNotEqual(code, 0, listen)
             self.assertIn("--auth-token-file", text, listen)
             self.assertIn("--insecure-no-auth", text, listen)
@@ -178,13 +201,14 @@ class ListeningPolicy(TestCase):
     @inlineCallbacks
     def test_open_listener_with_token_or_on_purpose(self) -> Any:
         """With a token, or with --insecure-no-auth, the daemon listens on all interfaces."""
-        daemon = yield Daemon(self, listen="tcp:0", env={"CLAUDESRV_AUTH_TOKENS": TOKEN}).start()
-        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers=AUTH)
+        with_token, on_purpose = yield gatherResults([
+            Daemon(self, listen="tcp:0", env={"CLAUDESRV_AUTH_TOKENS": TOKEN}).start(),
+            Daemon(self, "--insecure-no-auth", listen="tcp:0").start()])
+        reply = yield post(with_token.url + "/api/claude", {"prompt": "hi"}, headers=AUTH)
         self.assertEqual(reply.status, 200)
-        daemon = yield Daemon(self, "--insecure-no-auth", listen="tcp:0").start()
-        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"})
+        reply = yield post(on_purpose.url + "/api/claude", {"prompt": "hi"})
         self.assertEqual(reply.status, 200)
-        self.assertNotIn("--auth-token-file", daemon.log)
+        self.assertNotIn("--auth-token-file", on_purpose.log)
 
 
 class Tokens(TestCase):
@@ -235,10 +259,10 @@ class SlowClients(TestCase):
     @inlineCallbacks
     def test_slow_request_timed_out(self) -> Any:
         """A connection that sends half a request and then nothing is closed after --http-timeout."""
-        daemon = yield Daemon(self, "--http-timeout", "1").start()
+        daemon = yield Daemon(self, "--http-timeout", "0.3").start()
         client = RawClient()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.port), client)
-        client.transport.write(b"POST /api/claude HTTP/1.1\r\nHost: localhost\r\n")
+        client.transport.write(b"POST /api/claude HTTP/1.1\r\nHost: localhost\r\n")  # type: ignore[union-attr]
         yield wait_for(lambda: client.closed, timeout=5)
         self.assertIn("Timing out client", daemon.log)
 
@@ -247,32 +271,33 @@ class HostsAndOrigins(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def test_hosts(self) -> Any:
-        """On loopback, localhost, 127.0.0.1, [::1] (any port) and --allowed-host names are accepted."""
-        daemon = yield Daemon(self, "--allowed-host", "claude.internal").start()
+    def test_hosts_and_origins(self) -> Any:
+        """On loopback, localhost, 127.0.0.1, [::1] (any port) and --allowed-host names are accepted as Host,
+        others are refused with 403; only a --cors-origin origin, compared whole, gets CORS headers and
+        preflight answers."""
+        origin = "http://127.0.0.1:8080"
+        daemon = yield Daemon(self, "--allowed-host", "claude.internal", "--cors-origin", origin).start()
+        sid: dict[str, str] = {}
         for host in ("localhost", "localhost:1", "127.0.0.1", f"127.0.0.1:{daemon.port}", "[::1]:3000",
                      "claude.internal", "CLAUDE.internal:8080"):
-            reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Host": host})
+            reply = yield post(daemon.url + "/api/claude", {"prompt": "hi", **sid}, headers={"Host": host})
             self.assertEqual(reply.status, 200, host)
+            sid = {"session_id": str(reply.session_id)}
         for host in ("evil.com", "localhost.evil.com", "[::2]"):
             reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Host": host})
             self.assertEqual(reply.status, 403, host)
-
-    @inlineCallbacks
-    def test_cors_opt_in_exact_origin(self) -> Any:
-        """Only a listed origin, compared whole, gets CORS headers and preflight answers."""
-        origin = "http://127.0.0.1:8080"
-        daemon = yield Daemon(self, "--cors-origin", origin).start()
-        pre = yield treq.request("OPTIONS", daemon.url + "/api/claude", persistent=False, headers={
+        preflight: dict[bytes | str, bytes | str] = {
             "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type"})
+            "Access-Control-Request-Headers": "authorization, content-type"}
+        pre = yield treq.request("OPTIONS", daemon.url + "/api/claude", persistent=False, headers=preflight)
         self.assertEqual(pre.code, 204)
         self.assertEqual(pre.headers.getRawHeaders("Access-Control-Allow-Origin"), [origin])
         self.assertIn("Authorization", pre.headers.getRawHeaders("Access-Control-Allow-Headers")[0])
-        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Origin": origin})
+        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi", **sid}, headers={"Origin": origin})
         self.assertEqual(reply.header("Access-Control-Allow-Origin"), origin)
         for evil in ("http://127.0.0.1:8080.evil.com", "http://127.0.0.1", "null"):
-            reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Origin": evil})
+            reply = yield post(daemon.url + "/api/claude", {"prompt": "hi", **sid}, headers={"Origin": evil})
+            self.assertEqual(reply.status, 200, evil)
             self.assertIsNone(reply.header("Access-Control-Allow-Origin"), evil)
 
 
@@ -281,12 +306,20 @@ class PermissionPolicy(TestCase):
 
     @inlineCallbacks
     def test_deny_tool_always_added(self) -> Any:
-        """--deny-tool names reach the CLI's disallowed tools whatever the request says."""
-        daemon = yield Daemon(self, "--deny-tool", "WebFetch", "--deny-tool", "Bash(rm *)").start()
+        """--deny-tool names reach the disallowed tools of every CLI, spares included, whatever the request
+        says."""
+        daemon = yield Daemon(self, "--deny-tool", "WebFetch", "--deny-tool", "Bash(rm *)", spares=1).start()
+        yield wait_for(lambda: len(daemon.invocations()) == 1)
+        [spare] = daemon.invocations()
+        self.assertEqual(spare["argv"][-4:], ["--disallowedTools", "WebFetch", "Bash(rm *)", "--"])
         yield post(daemon.url + "/api/claude", {"prompt": "hi", "disallowedTools": ["Edit"]})
-        argv = daemon.invocations()[0]["argv"]
-        i = argv.index("--disallowedTools")
-        self.assertEqual(argv[i + 1:i + 4], ["Edit", "WebFetch", "Bash(rm *)"])
+        yield post(daemon.url + "/api/claude", {"prompt": "hi"})
+        own, taken = daemon.turns()
+        self.assertEqual(own["disallowed_tools"], ["Edit", "WebFetch", "Bash(rm *)"])
+        self.assertEqual((taken["pid"], taken["disallowed_tools"]), (spare["pid"], ["WebFetch", "Bash(rm *)"]))
+        for call in daemon.invocations():
+            argv = call["argv"]
+            self.assertEqual(argv[argv.index("--disallowedTools"):][-3:], ["WebFetch", "Bash(rm *)", "--"])
 
     @inlineCallbacks
     def test_skip_permissions_as_root(self) -> Any:
@@ -294,12 +327,11 @@ class PermissionPolicy(TestCase):
         gives the CLI IS_SANDBOX=1 so that the run works."""
         if os.geteuid() != 0:
             raise SkipTest("needs root")
-        daemon = yield Daemon(self).start()
-        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi", "dangerously-skip-permissions": True})
+        plain, daemon = yield gatherResults([Daemon(self).start(), Daemon(self, "--sandboxed").start()])
+        reply = yield post(plain.url + "/api/claude", {"prompt": "hi", "dangerously-skip-permissions": True})
         self.assertEqual(reply.status, 403)
         self.assertIn("--sandboxed", reply.json()["error"]["message"])
-        self.assertEqual(daemon.invocations(), [])
-        daemon = yield Daemon(self, "--sandboxed").start()
+        self.assertEqual(plain.invocations(), [])
         reply = yield post(daemon.url + "/api/claude", {"prompt": "hi", "dangerously-skip-permissions": True})
         self.assertFalse(reply.sse.results()[0]["is_error"])
         [call] = daemon.invocations()
@@ -307,23 +339,26 @@ class PermissionPolicy(TestCase):
         self.assertIn("--dangerously-skip-permissions", call["argv"])
 
 
-class WorkspaceContainment(TestCase):
-    timeout = 30
+class WorkspaceContainment(SynchronousTestCase):
+    """In process (the harness: the real routes, registry and SQL; CLIs played in memory)."""
 
-    @inlineCallbacks
-    def test_row_outside_root_is_never_a_cwd(self) -> Any:
+    def test_row_outside_root_is_never_a_cwd(self) -> None:
         """A stored workspace outside <data-dir>/Workspace/ (a sibling 'Workspace-evil' included) is an
         error, and no CLI runs there."""
-        daemon = yield Daemon(self).start()
-        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"})
-        evil = os.path.join(daemon.data_dir, "Workspace-evil", "session-x")
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        d = harness.Daemon(base)
+        self.addCleanup(d.close)
+        self.assertEqual(d.post({"prompt": "hi"}).code, 200)
+        evil = os.path.join(base, "Workspace-evil", "session-x")
         os.makedirs(evil)
         for sid, path in ((UUID, evil), ("7a1c5e0e-3b8c-4a57-9d7e-6ad0a39b8c11", "/tmp")):
-            with sqlite3.connect(os.path.join(daemon.data_dir, "sessions.db")) as db:
+            with sqlite3.connect(os.path.join(base, "sessions.db")) as db:
                 db.execute("INSERT INTO sessions (claude_session_id, workspace_path) VALUES (?, ?)", (sid, path))
-            reply = yield post(daemon.url + "/api/claude", {"prompt": "hi", "session_id": sid})
-            self.assertEqual((reply.status, reply.json()["error"]["code"]), (500, "workspace_outside_root"))
-        self.assertEqual(len(daemon.invocations()), 1)
+            code, body = d.call("POST", "/api/claude", json={"prompt": "hi", "session_id": sid})
+            self.assertEqual((code, body["error"]["code"]), (500, "workspace_outside_root"))
+        [cli] = d.world.clis
+        self.assertEqual(cli.cwd, os.path.join(base, "Workspace", f"session-{cli.session_id}"))
 
 
 def make_tls_files(directory: str) -> tuple[bytes, str, str]:
@@ -375,8 +410,9 @@ class TLS(TestCase):
                               env={"CLAUDESRV_AUTH_TOKENS": TOKEN}).start()
         policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(ca_pem))
         client = treq.client.HTTPClient(Agent(reactor, contextFactory=policy))
+        auth: dict[bytes | str, bytes | str] = {"Authorization": f"Bearer {TOKEN}"}
         response = yield client.post(f"https://localhost:{daemon.port}/api/claude", json={"prompt": "hi"},
-                                     headers=AUTH)
+                                     headers=auth)
         self.assertEqual(response.code, 200)
         sse = SSEParser()
         sse.feed((yield response.content()))

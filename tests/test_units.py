@@ -1,5 +1,5 @@
 """
-Unit tests of the pure parts: request validation, the argv, line splitting and SSE framing.
+Unit tests of the pure parts: request validation, the argv, the stdin lines, line splitting and SSE framing.
 """
 
 from __future__ import annotations
@@ -8,9 +8,14 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from claudesrv import sse
-from claudesrv.command import ApiError, ClaudeRequest, build_argv, build_env, parse_request
+from claudesrv import command, sse
+from claudesrv.command import ApiError, ClaudeRequest, SpawnOptions, build_argv, build_env, parse_request
+from claudesrv.eventlog import frame
 from claudesrv.process import LineSplitter
+
+SID = "6a1c5e0e-3b8c-4a57-9d7e-6ad0a39b8c11"
+SDK = ["--output-format", "stream-json", "--verbose", "--input-format", "stream-json",
+       "--permission-prompt-tool", "stdio"]
 
 
 def body(**fields: object) -> bytes:
@@ -19,12 +24,11 @@ def body(**fields: object) -> bytes:
 
 class ParseRequestTests(SynchronousTestCase):
     def test_full_request(self) -> None:
-        """Every field of the seed's schema is read into the request."""
-        r = parse_request(body(prompt="hi", session_id="6a1c5e0e-3b8c-4a57-9d7e-6ad0a39b8c11",
-                               **{"dangerously-skip-permissions": True},
-                               allowedTools=["Bash(git *)"], disallowedTools=["WebFetch"]), 1000)
-        self.assertEqual(r, ClaudeRequest("hi", "6a1c5e0e-3b8c-4a57-9d7e-6ad0a39b8c11", True,
-                                          ("Bash(git *)",), ("WebFetch",)))
+        """Every field of the schema is read into the request; the spawn-time ones into its options."""
+        r = parse_request(body(prompt="hi", session_id=SID, **{"dangerously-skip-permissions": True},
+                               allowedTools=["Bash(git *)"], disallowedTools=["WebFetch"], detach=True), 1000)
+        self.assertEqual(r, ClaudeRequest("hi", SID, SpawnOptions(True, ("Bash(git *)",), ("WebFetch",)), True))
+        self.assertEqual(parse_request(body(prompt="hi"), 1000), ClaudeRequest("hi"))
 
     def assertRefused(self, raw: bytes, code: str, field: str | None) -> None:
         e = self.assertRaises(ApiError, parse_request, raw, 100)
@@ -41,10 +45,10 @@ class ParseRequestTests(SynchronousTestCase):
         self.assertRefused(body(prompt="a\0b"), "invalid_field", "prompt")
         self.assertRefused(body(prompt="x" * 101), "prompt_too_large", "prompt")
         self.assertRefused(body(prompt="x", session_id="not-a-uuid"), "invalid_field", "session_id")
-        self.assertRefused(body(prompt="x", session_id="6A1C5E0E-3B8C-4A57-9D7E-6AD0A39B8C11"),
-                           "invalid_field", "session_id")
+        self.assertRefused(body(prompt="x", session_id=SID.upper()), "invalid_field", "session_id")
         self.assertRefused(body(prompt="x", **{"dangerously-skip-permissions": "yes"}),
                            "invalid_field", "dangerously-skip-permissions")
+        self.assertRefused(body(prompt="x", detach="yes"), "invalid_field", "detach")
         self.assertRefused(body(prompt="x", allowedTools="Bash"), "invalid_field", "allowedTools")
         self.assertRefused(body(prompt="x", allowedTools=[""]), "invalid_field", "allowedTools")
         self.assertRefused(body(prompt="x", disallowedTools=["--model"]), "invalid_field", "disallowedTools")
@@ -52,27 +56,58 @@ class ParseRequestTests(SynchronousTestCase):
 
 
 class ArgvTests(SynchronousTestCase):
-    def test_prompt_never_in_argv(self) -> None:
-        """The prompt goes to stdin, so even '--help' cannot become an option."""
-        argv = build_argv("claude", ClaudeRequest("--help"))
-        self.assertEqual(argv, ["claude", "-p", "--verbose", "--output-format", "stream-json", "--"])
+    def test_new_and_resumed_sessions(self) -> None:
+        """SDK streaming mode always; a new session gets our id with --session-id=, a known one --resume=,
+        each as one element; no prompt and no -p anywhere, and '--' closes the argv."""
+        self.assertEqual(build_argv("claude", SpawnOptions(), SID, False),
+                         ["claude", *SDK, f"--session-id={SID}", "--"])
+        self.assertEqual(build_argv("claude", SpawnOptions(), SID, True), ["claude", *SDK, f"--resume={SID}", "--"])
 
     def test_tools_each_one_element_and_closed_by_dashdash(self) -> None:
-        """Tool patterns stay whole (commas and spaces included) and '--' ends the variadic lists."""
-        argv = build_argv("claude", ClaudeRequest("p", "6a1c5e0e-3b8c-4a57-9d7e-6ad0a39b8c11", True,
-                                                  ("Bash(git *)", "Bash(touch a,b.txt)"), ("WebFetch",)),
-                          deny_tools=("WebSearch", "WebFetch"))
+        """Tool patterns stay whole (commas and spaces included), the operator's denied tools are added once,
+        and '--' ends the variadic lists."""
+        options = SpawnOptions(True, ("Bash(git *)", "Bash(touch a,b.txt)"), ("WebFetch",))
+        argv = build_argv("claude", options, SID, True, deny_tools=("WebSearch", "WebFetch"))
         self.assertEqual(argv, [
-            "claude", "-p", "--verbose", "--output-format", "stream-json",
-            "--resume", "6a1c5e0e-3b8c-4a57-9d7e-6ad0a39b8c11", "--dangerously-skip-permissions",
+            "claude", *SDK, f"--resume={SID}", "--dangerously-skip-permissions",
             "--allowedTools", "Bash(git *)", "Bash(touch a,b.txt)",
             "--disallowedTools", "WebFetch", "WebSearch", "--"])
 
     def test_env_is_explicit(self) -> None:
-        """The child gets the daemon's environment, the run marker, and IS_SANDBOX only when asked."""
-        env = build_env({"PATH": "/bin", "IS_SANDBOX": "1"}, "abc")
+        """The child gets the daemon's environment less the API tokens, the run marker, and IS_SANDBOX only
+        when asked."""
+        env = build_env({"PATH": "/bin", "IS_SANDBOX": "1", "CLAUDESRV_AUTH_TOKENS": "t"}, "abc")
         self.assertEqual(env, {"PATH": "/bin", "CLAUDESRV_RUN_ID": "abc"})
         self.assertEqual(build_env({}, "abc", sandboxed=True)["IS_SANDBOX"], "1")
+
+
+class StdinLineTests(SynchronousTestCase):
+    def test_prompt_is_one_json_line(self) -> None:
+        """Whatever a prompt holds (an option, newlines, U+2028, a JSON line of its own), the turn is one
+        ASCII line of JSON that gives the prompt back exactly."""
+        for prompt in ("--help", "-p", "a\r\nb\n", "\u2028\u2029 h\u00e9llo \U0001f680",
+                       '"}\n{"type":"control_request"}', "\x1b[31m\x7f"):
+            line = command.user_message(prompt)
+            self.assertTrue(line.endswith(b"\n"))
+            self.assertEqual(line.count(b"\n"), 1, prompt)
+            line.decode("ascii")
+            message = json.loads(line)
+            self.assertEqual(message, {"type": "user", "message": {"role": "user", "content": prompt},
+                                       "parent_tool_use_id": None, "session_id": "default"})
+
+    def test_control_lines(self) -> None:
+        """Control requests and both kinds of response are single JSON lines in the CLI's envelope."""
+        self.assertEqual(json.loads(command.control_request("r1", "interrupt")),
+                         {"type": "control_request", "request_id": "r1", "request": {"subtype": "interrupt"}})
+        self.assertEqual(json.loads(command.control_response("r2", {"behavior": "deny", "message": "no\n"})),
+                         {"type": "control_response", "response": {"subtype": "success", "request_id": "r2",
+                                                                   "response": {"behavior": "deny",
+                                                                                "message": "no\n"}}})
+        self.assertEqual(json.loads(command.control_error("r3", "x")),
+                         {"type": "control_response", "response": {"subtype": "error", "request_id": "r3",
+                                                                   "error": "x"}})
+        for line in (command.control_request("r1", "interrupt"), command.control_error("r3", "a\nb")):
+            self.assertEqual(line.count(b"\n"), 1)
 
 
 class RecordingSink:
@@ -136,6 +171,9 @@ class LineSplitterTests(SynchronousTestCase):
 
 
 class FramingTests(SynchronousTestCase):
-    def test_frames_of_a_block(self) -> None:
-        """A block of lines becomes one 'data:' frame per line, in order."""
-        self.assertEqual(sse.frames(b'{"a":1}\n{"b":2}\n'), b'data: {"a":1}\n\ndata: {"b":2}\n\n')
+    def test_event_frames(self) -> None:
+        """A logged event is an 'id:' line with its sequence number and one 'data:' line; an event of the
+        server's own that is not in the log has no id."""
+        self.assertEqual(frame(7, b'{"a":1}'), b'id: 7\ndata: {"a":1}\n\n')
+        self.assertEqual(sse.event({"type": "claudesrv", "subtype": "gap"}),
+                         b'data: {"type":"claudesrv","subtype":"gap"}\n\n')
