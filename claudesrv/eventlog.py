@@ -158,14 +158,12 @@ class EventLog:
         self.segments.append(Segment(self.next_seq, self.end, 0, path))
         self._trim()
 
-    def append_lines(self, block: bytes) -> int:
-        """Complete lines, each ending in a newline, one event each; the last sequence number given."""
+    def append_lines(self, lines: list[bytes]) -> int:
+        """Lines (without their newlines), one event each; the last sequence number given."""
         self._ready()
-        lines = block.split(b"\n")
-        lines.pop()
         seq = self.next_seq
         self.next_seq += len(lines)
-        # [id 1, line 1, "\n\n" + id 2, line 2, ..., "\n\n"]: one join, no per-line copy (2x faster)
+        # [id 1, line 1, "\n\n" + id 2, line 2, ..., "\n\n"]: one join, no per-line copy
         parts = [b""] * (2 * len(lines))
         parts[0::2] = [b"\n\nid: %d\ndata: " % n for n in range(seq, self.next_seq)]
         parts[0] = parts[0][2:]

@@ -299,36 +299,33 @@ class LiveSession:
 
     # ---------------------------------------------------------------- what the CLI says (CliOwner)
 
-    def cli_lines(self, block: bytes) -> None:
+    def cli_lines(self, lines: list[bytes]) -> None:
         turn = self.turn
         if turn is None:
-            self.log.append_lines(block)
+            self.log.append_lines(lines)
             return
         turn.last_stdout = self.clock.seconds()
         if not turn.output_seen:
             turn.output_seen = True
             self.host.turn_output(self, turn)
-        if RESULT_MARK not in block:
-            first = self.log.next_seq
-            turn.lines += self.log.append_lines(block) - first + 1
+        if RESULT_MARK not in b"\n".join(lines):  # one C-level scan, not a Python loop over the lines
+            turn.lines += len(lines)
+            self.log.append_lines(lines)
             return
-        lines = block.split(b"\n")
-        lines.pop()
         for i, line in enumerate(lines):
             result = _result_of(line) if RESULT_MARK in line else None
             if result is None:
                 continue
             if i:
-                self.log.append_lines(b"\n".join(lines[:i]) + b"\n")
+                self.log.append_lines(lines[:i])
             turn.lines += i + 1
             self.log.append(self._rewrite(turn, line, result))
             self._end_turn()
-            rest = lines[i + 1:]
-            if rest:
-                self.cli_lines(b"\n".join(rest) + b"\n")
+            if i + 1 < len(lines):
+                self.cli_lines(lines[i + 1:])
             return
         turn.lines += len(lines)
-        self.log.append_lines(block)
+        self.log.append_lines(lines)
 
     def _rewrite(self, turn: Turn, line: bytes, result: dict[str, Any]) -> bytes:
         """A result of a turn we stopped says why (the CLI's own reason is kept beside it)."""

@@ -37,18 +37,17 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 class LineSink(Protocol):
-    def lines_received(self, block: bytes) -> None:
-        """One or more complete lines, each ending in a newline."""
+    def lines_received(self, lines: list[bytes]) -> None:
+        """One or more complete lines, without their newlines."""
 
     def line_piece(self, piece: bytes, first: bool, last: bool) -> None:
         """A piece of one long line, without its newline; C{last} once the newline has been seen."""
 
 
-
 class LineSplitter:
     """
-    Cuts a byte stream into lines. A partial line is carried to the next read, and bytes once scanned
-    for a newline are never scanned again.
+    Cuts a byte stream into lines: one C{split} per read, and only the line cut by a read's end is
+    copied again. A line longer than C{max_line} is passed on in pieces instead of being held.
     """
 
     def __init__(self, sink: LineSink, max_line: int = 1 << 20) -> None:
@@ -59,27 +58,21 @@ class LineSplitter:
         self._streaming = False
 
     def feed(self, data: bytes) -> None:
-        end = data.rfind(b"\n")
-        if end < 0:
-            self._carry(data)
-            return
-        if self._streaming:
-            first_nl = data.find(b"\n")
-            self.sink.line_piece(data[:first_nl], False, True)
-            self._streaming = False
-            start = first_nl + 1
-            if start <= end:
-                self.sink.lines_received(data[start:end + 1])
-        elif self._partial:
-            self._partial.append(data[:end + 1])
-            block = b"".join(self._partial)
-            self._partial = []
-            self._partial_len = 0
-            self.sink.lines_received(block)
-        else:
-            self.sink.lines_received(data if end == len(data) - 1 else data[:end + 1])
-        if end + 1 < len(data):
-            self._carry(data[end + 1:])
+        lines = data.split(b"\n")
+        rest = lines.pop()  # after the last newline: the start of a line still to come (or b"")
+        if lines:
+            if self._streaming:
+                self._streaming = False
+                self.sink.line_piece(lines.pop(0), False, True)
+            elif self._partial:
+                self._partial.append(lines[0])
+                lines[0] = b"".join(self._partial)
+                self._partial = []
+                self._partial_len = 0
+            if lines:
+                self.sink.lines_received(lines)
+        if rest:
+            self._carry(rest)
 
     def _carry(self, data: bytes) -> None:
         if self._streaming:
@@ -100,17 +93,17 @@ class LineSplitter:
             self._streaming = False
             self.sink.line_piece(b"", False, True)
         elif self._partial:
-            line = b"".join(self._partial) + b"\n"
+            line = b"".join(self._partial)
             self._partial = []
             self._partial_len = 0
-            self.sink.lines_received(line)
+            self.sink.lines_received([line])
 
 
 class CliOwner(Protocol):
     """Who hears from a CLI process: its events, its control messages, its end."""
 
-    def cli_lines(self, block: bytes) -> None:
-        """Complete event lines (control protocol frames taken out), each ending in a newline."""
+    def cli_lines(self, lines: list[bytes]) -> None:
+        """Complete event lines (control protocol frames taken out), without their newlines."""
 
     def cli_piece(self, piece: bytes, first: bool, last: bool) -> None:
         """A piece of one event line too long to hold; C{last} once its newline has been seen."""
@@ -183,21 +176,22 @@ class CliProcess(ProcessProtocol):
     def outReceived(self, data: bytes) -> None:
         self.splitter.feed(data)
 
-    def lines_received(self, block: bytes) -> None:
-        if CONTROL[0] not in block and CONTROL[1] not in block:
-            self.owner.cli_lines(block)
+    def lines_received(self, lines: list[bytes]) -> None:
+        joined = b"\n".join(lines)  # one C-level scan of a copy is cheaper than a Python loop over the lines
+        if CONTROL[0] not in joined and CONTROL[1] not in joined:
+            self.owner.cli_lines(lines)
             return
         events: list[bytes] = []
-        for line in block.split(b"\n")[:-1]:
+        for line in lines:
             if line.startswith(CONTROL):
                 if events:
-                    self.owner.cli_lines(b"\n".join(events) + b"\n")
+                    self.owner.cli_lines(events)
                     events = []
                 self._control(line)
             else:
                 events.append(line)
         if events:
-            self.owner.cli_lines(b"\n".join(events) + b"\n")
+            self.owner.cli_lines(events)
 
     def line_piece(self, piece: bytes, first: bool, last: bool) -> None:
         self.owner.cli_piece(piece, first, last)

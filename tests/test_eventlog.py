@@ -38,7 +38,7 @@ class EventLogTests(SynchronousTestCase):
         follower = Follower()
         log.follow(follower)
         log.begin_turn()
-        self.assertEqual(log.append_lines(b'{"a":1}\n{"b":2}\n'), 2)
+        self.assertEqual(log.append_lines([b'{"a":1}', b'{"b":2}']), 2)
         self.assertEqual(log.append_event({"type": "claudesrv"}), 3)
         log.append_piece(b'{"big":"', True, False)
         log.append_piece(b"x" * 10, False, False)
@@ -55,7 +55,7 @@ class EventLogTests(SynchronousTestCase):
         log = EventLog.open(self.dir, 1 << 20)
         for turn in range(3):
             log.begin_turn()
-            log.append_lines(b'{"turn":%d}\n{"line":2}\n' % turn)
+            log.append_lines([b'{"turn":%d}' % turn, b'{"line":2}'])
         self.assertEqual(log.offset_after(0), 0)
         for seq in range(1, 6):
             at = log.offset_after(seq)
@@ -72,11 +72,11 @@ class EventLogTests(SynchronousTestCase):
         slow.log_grew = lambda data, start: None  # type: ignore[method-assign]  # reads nothing
         for turn in range(5):
             log.begin_turn()
-            log.append_lines(b'{"turn":%d,"pad":"..................."}\n' % turn)
+            log.append_lines([b'{"turn":%d,"pad":"..................."}' % turn])
         self.assertEqual(log.first_seq, 1)
         log.unfollow(slow)
         log.begin_turn()
-        log.append_lines(b'{"turn":5}\n')
+        log.append_lines([b'{"turn":5}'])
         self.assertGreater(log.first_seq, 1)
         self.assertLessEqual(log.size(), 100 + 60)
         self.assertIsNone(log.offset_after(0))
@@ -86,19 +86,19 @@ class EventLogTests(SynchronousTestCase):
         """A log reopened keeps its numbering; a frame cut off by a crash is dropped."""
         log = EventLog.open(self.dir, 1 << 20)
         log.begin_turn()
-        log.append_lines(b'{"a":1}\n{"b":2}\n')
+        log.append_lines([b'{"a":1}', b'{"b":2}'])
         log.begin_turn()
         log.append_piece(b'{"c":"', True, False)  # the daemon dies here
         again = EventLog.open(self.dir, 1 << 20)
         self.assertEqual(again.last_seq, 2)
         self.assertEqual(again.read(0, 1000), b'id: 1\ndata: {"a":1}\n\nid: 2\ndata: {"b":2}\n\n')
         again.begin_turn()
-        self.assertEqual(again.append_lines(b'{"d":4}\n'), 3)
+        self.assertEqual(again.append_lines([b'{"d":4}']), 3)
 
     def test_destroy_tells_followers(self) -> None:
         """Deleting the log tells every follower and removes its folder."""
         log = EventLog.open(self.dir, 1 << 20)
-        log.append_lines(b"{}\n")
+        log.append_lines([b"{}"])
         follower = Follower(log.end)
         log.follow(follower)
         log.destroy()

@@ -115,10 +115,10 @@ class RecordingSink:
         self.out = bytearray()
         self.blocks: list[bytes] = []
 
-    def lines_received(self, block: bytes) -> None:
-        assert block.endswith(b"\n")
-        self.blocks.append(block)
-        self.out += block
+    def lines_received(self, lines: list[bytes]) -> None:
+        assert lines and not any(b"\n" in line for line in lines)
+        self.blocks.append(b"".join(line + b"\n" for line in lines))
+        self.out += self.blocks[-1]
 
     def line_piece(self, piece: bytes, first: bool, last: bool) -> None:
         self.out += piece + (b"\n" if last else b"")
