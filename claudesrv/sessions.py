@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -73,6 +74,36 @@ class Sessions:
                 os.remove(path)
             except OSError as e:
                 log.warn("could not remove transcript {path}: {error}", path=path, error=e.strerror)
+
+    def remove_orphans(self) -> Deferred[int]:
+        """
+        At start: what a killed daemon may have left of sessions that never got a row (spares, new sessions
+        cut off mid-creation): empty workspaces and event logs that no row names. A workspace with files in
+        it is never touched. Never fails; the number of folders removed.
+        """
+        d = self.store.known().addCallback(lambda known: self.blocking(self._remove_orphans, *known))
+
+        def failed(failure: Any) -> int:
+            log.failure("could not look for leftover workspaces", failure)
+            return 0
+
+        return d.addErrback(failed)
+
+    def _remove_orphans(self, session_ids: set[str], workspaces: set[str]) -> int:
+        removed = 0
+        root = self.workspaces.root
+        for name in os.listdir(root) if os.path.isdir(root) else []:
+            path = os.path.join(root, name)
+            if name.startswith("session-") and path not in workspaces and self.workspaces.remove_if_empty(path):
+                removed += 1
+        events = self.registry.events_dir
+        for name in os.listdir(events) if os.path.isdir(events) else []:
+            if is_canonical_uuid(name) and name not in session_ids:
+                shutil.rmtree(os.path.join(events, name), ignore_errors=True)
+                removed += 1
+        if removed:
+            log.info("removed {n} folder(s) left by sessions that never came to be", n=removed)
+        return removed
 
     def expire(self, ttl: float) -> Deferred[int]:
         """Delete the sessions idle for longer than C{ttl} seconds and not running; never fails."""

@@ -212,5 +212,10 @@ class SessionStore:
     def delete_workspace(self, workspace: str) -> Deferred[None]:
         return self._execute("DELETE FROM sessions WHERE workspace_path = ?", workspace)
 
+    def known(self) -> Deferred[tuple[set[str], set[str]]]:
+        """Every session id and every workspace path in the table."""
+        d = self._query("SELECT claude_session_id, workspace_path FROM sessions")
+        return d.addCallback(lambda rows: ({r[0] for r in rows}, {r[1] for r in rows}))
+
     def ping(self) -> Deferred[Any]:
         return self._query("SELECT 1")

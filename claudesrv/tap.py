@@ -159,8 +159,9 @@ def load_tokens(path: str | None, environ: Mapping[str, str]) -> list[str]:
 class ClaudeService(service.Service):
     """Owns the database and the live sessions: opens them at start, ends them cleanly at stop."""
 
-    def __init__(self, store: SessionStore, registry: SessionRegistry, workspaces: Workspaces,
-                 cli: ClaudeExecutable, policy: Policy, token_file: str | None) -> None:
+    def __init__(self, store: SessionStore, registry: SessionRegistry, sessions: Sessions,
+                 workspaces: Workspaces, cli: ClaudeExecutable, policy: Policy, token_file: str | None) -> None:
+        self.sessions = sessions
         self.policy = policy
         self.token_file = token_file
         self.store = store
@@ -183,6 +184,7 @@ class ClaudeService(service.Service):
             signal.signal(signal.SIGINT, lambda *_: None)
         self.ready = self.store.start()
         self.ready.addErrback(lambda f: log.failure("could not open the session database", f))
+        self.ready.addCallback(lambda _: self.sessions.remove_orphans())
         self.ready.addCallback(lambda _: self.registry.open() if self.cli.find() is not None else None)
 
     def reload_tokens(self) -> None:
@@ -253,7 +255,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     )
 
     top = service.MultiService()
-    ClaudeService(store, live, workspaces, cli, policy, options["auth-token-file"]).setServiceParent(top)
+    ClaudeService(store, live, sessions, workspaces, cli, policy, options["auth-token-file"]).setServiceParent(top)
     ttl = options["session-ttl"]
     if ttl > 0:
         expiry = TimerService(min(ttl, 60.0), sessions.expire, ttl)

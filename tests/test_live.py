@@ -485,3 +485,21 @@ class Visibility(LiveTestCase):
                      'claudesrv_cli_sleeps_total{reason="idle"} 0.0'):
             self.assertIn(line, text)
         self.assertRegex(text, r"claudesrv_event_log_bytes [1-9]")
+
+
+class Housekeeping(LiveTestCase):
+    def test_leftovers_of_sessions_that_never_came_to_be_are_removed(self) -> None:
+        """At start, empty workspaces and event logs that no row names (a spare or a new session cut off by
+        kill -9) are removed; a session's own folders, and any workspace with files in it, stay."""
+        d = self.daemon()
+        sid = d.post({"prompt": "a"}).session_id
+        orphan = "00000000-0000-4000-8000-000000000001"
+        os.makedirs(os.path.join(self.base, "Workspace", f"session-{orphan}"))
+        os.makedirs(os.path.join(self.base, "events", orphan))
+        kept = os.path.join(self.base, "Workspace", "session-00000000-0000-4000-8000-000000000002")
+        os.makedirs(kept)
+        open(os.path.join(kept, "notes.txt"), "w").close()
+        self.assertEqual(self.successResultOf(d.sessions.remove_orphans()), 2)
+        self.assertEqual(sorted(os.listdir(os.path.join(self.base, "Workspace"))),
+                         sorted([f"session-{sid}", os.path.basename(kept)]))
+        self.assertEqual(os.listdir(os.path.join(self.base, "events")), [sid])
