@@ -81,7 +81,8 @@ class Sessions:
         cut off mid-creation): empty workspaces and event logs that no row names. A workspace with files in
         it is never touched. Never fails; the number of folders removed.
         """
-        d = self.store.known().addCallback(lambda known: self.blocking(self._remove_orphans, *known))
+        started = time.time()  # what this daemon makes meanwhile is newer, and not an orphan
+        d = self.store.known().addCallback(lambda known: self.blocking(self._remove_orphans, *known, started))
 
         def failed(failure: Any) -> int:
             log.failure("could not look for leftover workspaces", failure)
@@ -89,17 +90,25 @@ class Sessions:
 
         return d.addErrback(failed)
 
-    def _remove_orphans(self, session_ids: set[str], workspaces: set[str]) -> int:
+    def _remove_orphans(self, session_ids: set[str], workspaces: set[str], started: float) -> int:
+        def old(path: str) -> bool:
+            try:
+                return os.stat(path).st_mtime < started
+            except OSError:
+                return False
+
         removed = 0
         root = self.workspaces.root
         for name in os.listdir(root) if os.path.isdir(root) else []:
             path = os.path.join(root, name)
-            if name.startswith("session-") and path not in workspaces and self.workspaces.remove_if_empty(path):
+            if (name.startswith("session-") and path not in workspaces and old(path)
+                    and self.workspaces.remove_if_empty(path)):
                 removed += 1
         events = self.registry.events_dir
         for name in os.listdir(events) if os.path.isdir(events) else []:
-            if is_canonical_uuid(name) and name not in session_ids:
-                shutil.rmtree(os.path.join(events, name), ignore_errors=True)
+            path = os.path.join(events, name)
+            if is_canonical_uuid(name) and name not in session_ids and old(path):
+                shutil.rmtree(path, ignore_errors=True)
                 removed += 1
         if removed:
             log.info("removed {n} folder(s) left by sessions that never came to be", n=removed)

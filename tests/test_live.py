@@ -489,8 +489,9 @@ class Visibility(LiveTestCase):
 
 class Housekeeping(LiveTestCase):
     def test_leftovers_of_sessions_that_never_came_to_be_are_removed(self) -> None:
-        """At start, empty workspaces and event logs that no row names (a spare or a new session cut off by
-        kill -9) are removed; a session's own folders, and any workspace with files in it, stay."""
+        """At start, empty workspaces and event logs of an earlier daemon that no row names (a spare or a new
+        session cut off by kill -9) are removed; a session's own folders, any workspace with files in it, and
+        anything made since the start stay."""
         d = self.daemon()
         sid = d.post({"prompt": "a"}).session_id
         orphan = "00000000-0000-4000-8000-000000000001"
@@ -499,6 +500,9 @@ class Housekeeping(LiveTestCase):
         kept = os.path.join(self.base, "Workspace", "session-00000000-0000-4000-8000-000000000002")
         os.makedirs(kept)
         open(os.path.join(kept, "notes.txt"), "w").close()
+        for path in (kept, os.path.join(self.base, "Workspace", f"session-{orphan}"),
+                     os.path.join(self.base, "events", orphan)):
+            os.utime(path, (0, 0))  # left by an earlier daemon
         self.assertEqual(self.successResultOf(d.sessions.remove_orphans()), 2)
         self.assertEqual(sorted(os.listdir(os.path.join(self.base, "Workspace"))),
                          sorted([f"session-{sid}", os.path.basename(kept)]))
