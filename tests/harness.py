@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 from typing import Any
 
 from klein import Klein  # noqa: F401  (the resource under test is Klein's)
@@ -23,6 +24,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 
 from claudesrv.app import ClaudeAPI, ClaudeExecutable
 from claudesrv.live import Limits
@@ -359,3 +361,20 @@ class Stream:
         """The client's connection drops."""
         self.pump.clientIO.abortConnection()
         self.daemon.pump()
+
+
+class DaemonTestCase(SynchronousTestCase):
+    """A test with the daemon in process: C{self.daemon(**limits)} makes one in a fresh data dir."""
+
+    def daemon(self, **limits: Any) -> Daemon:
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+        values: dict[str, Any] = {"spares": 0, "keepalive": 0, "idle_timeout": 0, "run_timeout": 0, "kill_grace": 5}
+        values.update(limits)
+        daemon = Daemon(self.base, Limits(**values))
+        self.addCleanup(daemon.close)
+        return daemon
+
+    def rows(self) -> list[tuple[str, str]]:
+        with sqlite3.connect(os.path.join(self.base, "sessions.db")) as db:
+            return list(db.execute("SELECT claude_session_id, workspace_path FROM sessions"))

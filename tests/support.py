@@ -70,18 +70,21 @@ class SSEParser:
 
 
 class _DaemonProtocol(ProcessProtocol):
-    def __init__(self) -> None:
+    def __init__(self, listeners: int = 1) -> None:
         self.output = bytearray()
-        self.port: Deferred[int] = Deferred()
+        self.listeners = listeners
+        self.ports: list[tuple[int, bool]] = []  # (port, TLS?) of each listener, in the order they started
+        self.port: Deferred[int] = Deferred()  # the first listener's, once every listener is up
         self.ended: Deferred[None] = Deferred()
         self.reason: Failure | None = None
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
         if not self.port.called:
-            m = re.search(rb"Site (?:\(TLS\) )?starting on (\d+)", self.output)
-            if m:
-                self.port.callback(int(m.group(1)))
+            found = re.findall(rb"Site (\(TLS\) )?starting on (\d+)", self.output)
+            self.ports = [(int(port), bool(tls)) for tls, port in found]
+            if len(self.ports) >= self.listeners:
+                self.port.callback(self.ports[0][0])
 
     errReceived = outReceived
 
@@ -119,9 +122,21 @@ class Daemon:
                      "--claude", claude, *(("--spares", str(spares)) if spares is not None else ()), *args]
         self.env = fake_env(self.state_dir)
         self.env.update(env or {})
-        self.proto = _DaemonProtocol()
+        self.proto = _DaemonProtocol(self.args.count("--listen"))
         self.port = 0
         self.pid = 0
+
+    def again(self, *args: str, spares: int | None = 0) -> Daemon:
+        """A new daemon (not started yet) on this one's data dir and fake state dir: a restart."""
+        other = Daemon(self.testcase, *args, spares=spares)
+        other.data_dir, other.state_dir = self.data_dir, self.state_dir
+        other.env["FAKE_STATE_DIR"] = self.state_dir
+        other.args[other.args.index("--data-dir") + 1] = self.data_dir
+        return other
+
+    def since(self) -> Since:
+        """This daemon as seen from now on (see L{Since})."""
+        return Since(self)
 
     @inlineCallbacks
     def start(self) -> Any:
@@ -130,6 +145,9 @@ class Daemon:
         self.pid = transport.pid
         self.testcase.addCleanup(self.stop)
         self.port = yield self.proto.port
+        plain = [port for port, tls in self.proto.ports if not tls]
+        if plain:  # url is http://: the first plain listener's, when there is one besides TLS
+            self.port = plain[0]
         return self
 
     @property
@@ -169,7 +187,12 @@ class Daemon:
         if not os.path.exists(path):
             return []
         with sqlite3.connect(path) as db:
-            return list(db.execute("SELECT claude_session_id, workspace_path FROM sessions"))
+            try:
+                return list(db.execute("SELECT claude_session_id, workspace_path FROM sessions"))
+            except sqlite3.OperationalError as e:  # a daemon that has just started may not have made it yet
+                if "no such table" in str(e):
+                    return []
+                raise
 
     def workspaces(self) -> list[str]:
         root = os.path.join(self.data_dir, "Workspace")
@@ -197,6 +220,55 @@ class Daemon:
         return signals(self.state_dir)
 
 
+class Since:
+    """A daemon as seen from one moment on, for tests that share a daemon: its log, the fake's records, the
+    rows and the workspaces are only those that came after that moment; everything else is the daemon's."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.skip = {name: len(state_lines(daemon.state_dir, name))
+                     for name in ("invocations.jsonl", "turns.jsonl", "stdin.jsonl")}
+        self.skip_signals = len(signalled(daemon.state_dir))
+        self.skip_grandchildren = len(grandchildren(daemon.state_dir))
+        self.skip_log = len(daemon.proto.output)
+        self.old_rows = set(daemon.rows())
+        self.old_workspaces = set(daemon.workspaces())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.daemon, name)
+
+    @property
+    def log(self) -> str:
+        return self.daemon.proto.output[self.skip_log:].decode(errors="replace")
+
+    def rows(self) -> list[tuple[str, str]]:
+        return [row for row in self.daemon.rows() if row not in self.old_rows]
+
+    def workspaces(self) -> list[str]:
+        return [name for name in self.daemon.workspaces() if name not in self.old_workspaces]
+
+    def _lines(self, name: str) -> list[dict[str, Any]]:
+        return state_lines(self.daemon.state_dir, name)[self.skip[name]:]
+
+    def invocations(self) -> list[dict[str, Any]]:
+        return self._lines("invocations.jsonl")
+
+    def turns(self) -> list[dict[str, Any]]:
+        return self._lines("turns.jsonl")
+
+    def stdin(self) -> list[dict[str, Any]]:
+        return stdin_messages(self.daemon.state_dir, self.skip["stdin.jsonl"])
+
+    def interrupts(self) -> list[int]:
+        return interrupts(self.daemon.state_dir, self.skip["stdin.jsonl"])
+
+    def grandchildren(self) -> list[int]:
+        return grandchildren(self.daemon.state_dir)[self.skip_grandchildren:]
+
+    def signals(self) -> list[str]:
+        return [name for _, name in signalled(self.daemon.state_dir)[self.skip_signals:]]
+
+
 def state_lines(state_dir: str, name: str) -> list[dict[str, Any]]:
     """The JSON lines of one of the fake's state files (empty if it was never written)."""
     path = os.path.join(state_dir, name)
@@ -206,15 +278,16 @@ def state_lines(state_dir: str, name: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f]
 
 
-def stdin_messages(state_dir: str) -> list[dict[str, Any]]:
-    """What the fake read on stdin, one parsed message per line, each with the reader's "pid" added."""
-    return [{**json.loads(row["line"]), "pid": row["pid"]} for row in state_lines(state_dir, "stdin.jsonl")
+def stdin_messages(state_dir: str, skip: int = 0) -> list[dict[str, Any]]:
+    """What the fake read on stdin, one parsed message per line (after the first C{skip} lines), each with the
+    reader's "pid" added."""
+    return [{**json.loads(row["line"]), "pid": row["pid"]} for row in state_lines(state_dir, "stdin.jsonl")[skip:]
             if row["line"].strip()]
 
 
-def interrupts(state_dir: str) -> list[int]:
+def interrupts(state_dir: str, skip: int = 0) -> list[int]:
     """The pids that were sent an ``interrupt`` control request, once per request."""
-    return [m["pid"] for m in stdin_messages(state_dir)
+    return [m["pid"] for m in stdin_messages(state_dir, skip)
             if m.get("type") == "control_request" and m["request"].get("subtype") == "interrupt"]
 
 
@@ -287,6 +360,23 @@ def post(url: str, body: Any, headers: dict[str, str] | None = None, raw: bytes 
     return Reply(response.code, response.headers, sse)
 
 
+@inlineCallbacks
+def get_json(url: str, **kwargs: Any) -> Any:
+    """GET url: (status, the JSON body, or the raw body if it is not a JSON object)."""
+    response = yield treq.get(url, persistent=False, **kwargs)
+    body = yield response.content()
+    return response.code, (json.loads(body) if body and body.startswith(b"{") else body)
+
+
+@inlineCallbacks
+def get_stream(url: str, headers: dict[str | bytes, str | bytes] | None = None) -> Any:
+    """GET an SSE stream and read it to its end: (status, L{SSEParser})."""
+    response = yield treq.get(url, headers=headers or {}, persistent=False)
+    sse = SSEParser()
+    yield treq.collect(response, sse.feed)
+    return response.code, sse
+
+
 def pid_alive(pid: int) -> bool:
     """True while pid exists and is not a zombie."""
     try:
@@ -298,12 +388,11 @@ def pid_alive(pid: int) -> bool:
 
 
 @inlineCallbacks
-def wait_for(predicate: Any, timeout: float = 10.0, step: float = 0.05) -> Any:
-    """Poll until predicate() is true; fail the test after timeout seconds."""
-    waited = 0.0
+def wait_for(predicate: Any, timeout: float = 10.0, step: float = 0.01) -> Any:
+    """Poll until predicate() is true; fail the test after timeout seconds (of the reactor's time)."""
+    deadline = reactor.seconds() + timeout
     while not predicate():
-        if waited >= timeout:
+        if reactor.seconds() >= deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         yield sleep(step)
-        waited += step
     return True

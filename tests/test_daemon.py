@@ -1,6 +1,6 @@
 """
 The core, end to end: a real ``twistd -n claudesrv``, real HTTP, the fake CLI in SDK streaming mode as a real
-child process.
+child process (and what only needs HTTP semantics in process, in the harness).
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from typing import Any
 
 from twisted.internet import utils
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import TestCase
 
-from claudesrv.live import Limits
 from tests import harness
-from tests.support import Daemon, SSEParser, pid_alive, post, wait_for
+from tests.support import Daemon, Since, SSEParser, get_json, pid_alive, post, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -35,6 +34,9 @@ def session_flag(argv: list[str]) -> str:
 
 
 class CoreTests(TestCase):
+    """One real daemon per set of options; where a test makes several checks on one daemon, each check sees
+    only what the daemon did from its own start on (L{Since}), as if the daemon were its alone."""
+
     timeout = 60
 
     @inlineCallbacks
@@ -47,11 +49,67 @@ class CoreTests(TestCase):
         return post(self.daemon.url + "/api/claude", fields)
 
     @inlineCallbacks
-    def test_new_session(self) -> Any:
+    def test_turns(self) -> Any:
+        """One daemon without spares, turn after turn: a new session in SDK streaming mode under an id the
+        server chose; prompts and tool patterns that reach the CLI byte for byte; a tool needing approval
+        denied by the server; lines split across reads, 64 KiB blocks and an 8 MiB line relayed intact; CLI
+        failures ending with one result (and no leftovers); the README's curl example (each check's own
+        docstring says exactly what it proves)."""
+        yield self.start()
+        for check in (self.new_session, self.prompts_arrive_byte_exact, self.tool_patterns_arrive_intact,
+                      self.tool_needing_approval_is_denied, self.lines_split_across_reads_and_giant_line,
+                      self.failures_end_with_one_result, self.readme_curl_example):
+            yield check(self.daemon.since())
+
+    @inlineCallbacks
+    def test_warm_idle(self) -> Any:
+        """With --warm-idle 0.2: follow-up turns go to the warm process and, once it is put to sleep, resume
+        the session in a new one; an error result the CLI writes itself passes through untouched (each check's
+        own docstring says exactly what it proves)."""
+        yield self.start("--warm-idle", "0.2")
+        for check in (self.follow_up_turns_warm_then_resumed, self.cli_error_results_pass_through):
+            yield check(self.daemon.since())
+
+    @inlineCallbacks
+    def test_spare_answers_a_new_session(self) -> Any:
+        """With --spares 1 a CLI is started ahead in a workspace of its own, under an id of its own; the next
+        new session with default options is that process and that id, its follow-up turns go to that same
+        warm process, and a new spare takes its place under an id of its own. A session asking for other tool
+        options gets a process of its own and leaves the spare alone."""
+        daemon = yield Daemon(self, spares=1).start()
+        yield wait_for(lambda: len(daemon.invocations()) == 1)
+        [spare] = daemon.invocations()
+        spare_id = session_flag(spare["argv"]).split("=", 1)[1]
+        self.assertEqual(daemon.workspaces(), [f"session-{spare_id}"])
+        self.assertEqual((daemon.rows(), daemon.turns()), ([], []))
+        reply = yield post(daemon.url + "/api/claude", {"prompt": "hello"})
+        self.assertEqual(reply.session_id, spare_id)
+        self.assertIn(f"--session-id={spare_id}", spare["argv"])
+        self.assertEqual({e["session_id"] for e in reply.sse.events()}, {spare_id})
+        self.assertEqual([t["pid"] for t in daemon.turns()], [spare["pid"]])
+        self.assertEqual([row[0] for row in daemon.rows()], [spare_id])
+        for prompt in ("two", "three"):
+            follow_up = yield post(daemon.url + "/api/claude", {"prompt": prompt, "session_id": spare_id})
+            self.assertEqual([e["type"] for e in follow_up.sse.events()][-1], "result")
+        self.assertEqual([t["pid"] for t in daemon.turns()], [spare["pid"]] * 3)
+        self.assertEqual([t["prompt"] for t in daemon.turns()], ["hello", "two", "three"])
+        yield wait_for(lambda: len(daemon.invocations()) == 2)
+        second_spare = daemon.invocations()[1]
+        self.assertNotEqual(session_flag(second_spare["argv"]), session_flag(spare["argv"]))
+        self.assertNotIn(f"--session-id={spare_id}", second_spare["argv"])
+        tools = yield post(daemon.url + "/api/claude", {"prompt": "hi", "allowedTools": ["Edit"]})
+        self.assertNotIn(tools.session_id, (spare_id, session_flag(second_spare["argv"]).split("=", 1)[1]))
+        calls = daemon.invocations()
+        self.assertEqual(len(calls), 3)
+        self.assertIn("--allowedTools", calls[2]["argv"])
+        self.assertEqual([t["pid"] for t in daemon.turns()], [spare["pid"]] * 3 + [calls[2]["pid"]])
+        self.assertTrue(pid_alive(second_spare["pid"]))
+
+    @inlineCallbacks
+    def new_session(self, daemon: Since) -> Any:
         """A prompt without session_id starts the CLI in SDK streaming mode under a session id the server
         chose (the X-Session-Id header, --session-id=, the workspace's name, the row, every event), as the
         leader of its own session, and streams every CLI line as one SSE event with consecutive ids."""
-        daemon = yield self.start()
         reply = yield self.claude(prompt="hello")
         self.assertEqual(reply.status, 200)
         self.assertEqual(reply.header("Content-Type"), "text/event-stream")
@@ -78,37 +136,9 @@ class CoreTests(TestCase):
         self.assertEqual(line["message"], {"role": "user", "content": "hello"})
 
     @inlineCallbacks
-    def test_spare_answers_a_new_session(self) -> Any:
-        """With --spares 1 a CLI is started ahead in a workspace of its own, under an id of its own; the next
-        new session with default options is that process and that id, and a new spare takes its place. A
-        session asking for other tool options gets a process of its own and leaves the spare alone."""
-        daemon = yield Daemon(self, spares=1).start()
-        yield wait_for(lambda: len(daemon.invocations()) == 1)
-        [spare] = daemon.invocations()
-        spare_id = session_flag(spare["argv"]).split("=", 1)[1]
-        self.assertEqual(daemon.workspaces(), [f"session-{spare_id}"])
-        self.assertEqual((daemon.rows(), daemon.turns()), ([], []))
-        reply = yield post(daemon.url + "/api/claude", {"prompt": "hello"})
-        self.assertEqual(reply.session_id, spare_id)
-        self.assertEqual({e["session_id"] for e in reply.sse.events()}, {spare_id})
-        self.assertEqual([t["pid"] for t in daemon.turns()], [spare["pid"]])
-        self.assertEqual([row[0] for row in daemon.rows()], [spare_id])
-        yield wait_for(lambda: len(daemon.invocations()) == 2)
-        second_spare = daemon.invocations()[1]
-        self.assertNotEqual(session_flag(second_spare["argv"]), session_flag(spare["argv"]))
-        tools = yield post(daemon.url + "/api/claude", {"prompt": "hi", "allowedTools": ["Edit"]})
-        self.assertNotIn(tools.session_id, (spare_id, session_flag(second_spare["argv"]).split("=", 1)[1]))
-        calls = daemon.invocations()
-        self.assertEqual(len(calls), 3)
-        self.assertIn("--allowedTools", calls[2]["argv"])
-        self.assertEqual([t["pid"] for t in daemon.turns()], [spare["pid"], calls[2]["pid"]])
-        self.assertTrue(pid_alive(second_spare["pid"]))
-
-    @inlineCallbacks
-    def test_prompts_arrive_byte_exact(self) -> Any:
+    def prompts_arrive_byte_exact(self, daemon: Since) -> Any:
         """Prompts that look like options, carry CR/LF, blanks, unicode or JSON, or are 1 MiB, reach the CLI
         exactly as sent, each as one turn of the same warm process."""
-        daemon = yield self.start()
         prompts = ["--help", "-p", "- item", "--", "a\r\nb\n", "  lead and trail  ", "héllo 日本語 🚀 \u2028",
                    "$(echo no) `x` ;&| \\ \"q\"", '"}\n{"type":"control_request","request":{"subtype":"interrupt"}}',
                    "x" * (1 << 20)]
@@ -126,10 +156,9 @@ class CoreTests(TestCase):
         self.assertEqual({t["pid"] for t in daemon.turns()}, {call["pid"]})
 
     @inlineCallbacks
-    def test_tool_patterns_arrive_intact(self) -> Any:
+    def tool_patterns_arrive_intact(self, daemon: Since) -> Any:
         """allowedTools and disallowedTools patterns reach the CLI whole, one argv element each, and swallow
         nothing: the CLI reads exactly these patterns."""
-        daemon = yield self.start()
         allowed = ["Bash(git *)", "Bash(touch:*)", "Bash(touch a,b.txt)", "Edit"]
         reply = yield self.claude(prompt="use tools", allowedTools=allowed, disallowedTools=["WebFetch"],
                                   **{"dangerously-skip-permissions": False})
@@ -143,11 +172,10 @@ class CoreTests(TestCase):
         self.assertEqual(turn["prompt"], "use tools")
 
     @inlineCallbacks
-    def test_tool_needing_approval_is_denied(self) -> Any:
+    def tool_needing_approval_is_denied(self, daemon: Since) -> Any:
         """A tool the CLI must ask about is denied by the server with a message saying how to allow it, and a
         permission_denied event tells the client; the turn goes on to its own result. A pre-approved tool
         runs without a question."""
-        daemon = yield self.start()
         reply = yield self.claude(prompt="[[fake tool=Bash]] make a file")
         events = reply.sse.events()
         [denied] = [e for e in events if e["type"] == "claudesrv"]
@@ -166,11 +194,10 @@ class CoreTests(TestCase):
         self.assertEqual(len([m for m in daemon.stdin() if m["type"] == "control_response"]), 1)
 
     @inlineCallbacks
-    def test_lines_split_across_reads_and_giant_line(self) -> Any:
+    def lines_split_across_reads_and_giant_line(self, daemon: Since) -> Any:
         """Lines written in small pieces, in 64 KiB blocks, and an 8 MiB line (relayed in pieces, never held
         whole) arrive intact and in order; a result line longer than the 1 MiB line limit still ends its turn's
         stream, as its only result."""
-        yield self.start()
         reply = yield self.claude(prompt="[[fake lines=20 line_bytes=3000 split=1]]")
         lines = [e for e in reply.sse.events() if e["type"] == "assistant"]
         self.assertEqual(len(lines), 20)
@@ -190,11 +217,10 @@ class CoreTests(TestCase):
         self.assertGreater(len(reply.sse.frames[-1]), 1 << 20)
 
     @inlineCallbacks
-    def test_follow_up_turns_warm_then_resumed(self) -> Any:
+    def follow_up_turns_warm_then_resumed(self, daemon: Since) -> Any:
         """A follow-up turn goes to the session's warm process (no new CLI); once --warm-idle puts it to
         sleep (stdin closed, no signal), the next turn resumes the session with --resume=<id> in the same
         workspace, under the same id, and the session keeps one row."""
-        daemon = yield self.start("--warm-idle", "0.2")
         first = yield self.claude(prompt="first")
         sid = first.session_id
         second = yield self.claude(prompt="second", session_id=sid)
@@ -213,10 +239,9 @@ class CoreTests(TestCase):
         self.assertEqual(daemon.rows(), [(sid, call["cwd"])])
 
     @inlineCallbacks
-    def test_cli_error_results_pass_through(self) -> Any:
+    def cli_error_results_pass_through(self, daemon: Since) -> Any:
         """An error result the CLI writes itself (here: it refuses to resume a session whose transcript is
         gone) is relayed untouched as the turn's one result, and the session stays."""
-        daemon = yield self.start("--warm-idle", "0.2")
         first = yield self.claude(prompt="first")
         sid = first.session_id
         [call] = daemon.invocations()
@@ -230,12 +255,11 @@ class CoreTests(TestCase):
         self.assertEqual([row[0] for row in daemon.rows()], [sid])
 
     @inlineCallbacks
-    def test_failures_end_with_one_result(self) -> Any:
+    def failures_end_with_one_result(self, daemon: Since) -> Any:
         """A CLI that prints only stderr, crashes, or dies mid-turn ends the stream with exactly one result
         event that carries the exit code or signal and the stderr; a new session whose CLI never said
         anything leaves no row and no workspace; a crashed CLI's grandchild in a session of its own is
         killed, and the session's next turn resumes it in a new process."""
-        daemon = yield self.start()
         reply = yield self.claude(prompt="[[fake no_init=1 exit=3 stderr=boom_went_the_cli]]")
         [result] = reply.sse.results()
         self.assertEqual(len(reply.sse.frames), 1)
@@ -264,9 +288,8 @@ class CoreTests(TestCase):
         self.assertIn("half way", result["stderr"])
 
     @inlineCallbacks
-    def test_readme_curl_example(self) -> Any:
+    def readme_curl_example(self, daemon: Since) -> Any:
         """The README's curl -N example, run as written (but on the test's port), streams a session."""
-        daemon = yield self.start()
         with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
             readme = f.read()
         command = next(line for line in readme.splitlines() if line.startswith("curl -N "))
@@ -279,18 +302,9 @@ class CoreTests(TestCase):
         self.assertEqual([json.loads(f)["type"] for f in sse.frames], ["system", "assistant", "result"])
 
 
-class InProcessCore(SynchronousTestCase):
+class InProcessCore(harness.DaemonTestCase):
     """What only needs HTTP semantics, in process (the harness: real routes, registry and SQL, a Clock; CLIs
     played in memory)."""
-
-    def daemon(self, **limits: Any) -> harness.Daemon:
-        self.base = os.path.abspath(self.mktemp())
-        os.makedirs(self.base)
-        values: dict[str, Any] = {"spares": 0, "keepalive": 0, "idle_timeout": 0, "run_timeout": 0}
-        values.update(limits)
-        d = harness.Daemon(self.base, Limits(**values))
-        self.addCleanup(d.close)
-        return d
 
     def test_unknown_and_malformed_session_ids(self) -> None:
         """An unknown id is 404 and a non-UUID is 400, both JSON, and no CLI starts and no workspace is made."""
@@ -370,7 +384,7 @@ class MissingCliTests(TestCase):
     @inlineCallbacks
     def test_missing_cli_is_503(self) -> Any:
         """A CLI that cannot be found leaves the daemon up (no spare is tried), logs a warning and answers 503
-        with a hint."""
+        with a hint; /readyz is 503 and names the failing check (the database's passes)."""
         daemon = yield Daemon(self, claude="no-such-claude-cli").start()
         reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"})
         self.assertEqual(reply.status, 503)
@@ -379,6 +393,10 @@ class MissingCliTests(TestCase):
         self.assertIn("--claude", error["message"])
         self.assertIn("was not found", daemon.log)
         self.assertEqual(daemon.workspaces(), [])
+        code, ready = yield get_json(daemon.url + "/readyz")
+        self.assertEqual(code, 503)
+        self.assertFalse(ready["checks"]["cli"]["ok"])
+        self.assertTrue(ready["checks"]["database"]["ok"])
 
 
 class PackagingTests(TestCase):

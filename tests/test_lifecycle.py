@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import time
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -30,11 +29,14 @@ from claudesrv.sse import SseSink
 from claudesrv.store import InlineSqlite, SessionStore
 from claudesrv.workspaces import Workspaces
 from tests import harness
+from tests.rawhttp import raw_post
 from tests.support import (
     FAKE,
     Daemon,
+    Since,
     SSEParser,
     fake_env,
+    get_stream,
     grandchildren,
     interrupts,
     pid_alive,
@@ -477,40 +479,71 @@ class ShutdownOfAStuckProcess(SynchronousTestCase):
 
 
 
-class RawClient(Protocol):
-    """An HTTP client that can stop reading or vanish mid-stream."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.got_data: Deferred[None] = Deferred()
-        self.closed = False
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.closed = True
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if b"data: " in self.data and not self.got_data.called:
-            self.got_data.callback(None)
-
-
-@inlineCallbacks
-def raw_post(port: int, body: dict[str, Any]) -> Any:
-    payload = json.dumps(body).encode()
-    proto = RawClient()
-    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
-    proto.transport.write(  # type: ignore[union-attr]
-        b"POST /api/claude HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-    return proto
-
-
 def streaming(url: str, body: dict[str, Any], frames: list[bytes]) -> Deferred[Any]:
     """POST and read the answer, appending each frame to C{frames} as it arrives."""
     return post(url + "/api/claude", body, on_frame=lambda sse: frames.extend(sse.frames[len(frames):]))
 
 
+class InProcessTurns(harness.DaemonTestCase):
+    """One turn per session and capacity, which only need HTTP semantics: in process (the harness: real routes,
+    registry and SQL; CLIs played in memory)."""
+
+    def test_one_turn_per_session(self) -> None:
+        """A second turn for a session whose turn is running is refused with 409 session_busy at once and
+        reaches no CLI; once the turn is over the session takes turns again, in the same process."""
+        d = self.daemon()
+        sid = d.post({"prompt": "hi"}).session_id
+        [cli] = d.world.clis
+        cli.hold()
+        running = d.post({"prompt": "hold on", "session_id": sid})
+        self.assertFalse(running.done)
+        code, body = d.call("POST", "/api/claude", json={"prompt": "me too", "session_id": sid})
+        self.assertEqual((code, body["error"]["code"]), (409, "session_busy"))
+        self.assertEqual(cli.turns, 2)
+        d.call("POST", f"/api/sessions/{sid}/cancel", headers={"Content-Type": "application/json"})
+        self.assertTrue(running.done)
+        cli.holding = False
+        after = d.post({"prompt": "now", "session_id": sid})
+        self.assertEqual(after.code, 200)
+        self.assertEqual([m["message"]["content"] for m in cli.stdin if m["type"] == "user"],
+                         ["hi", "hold on", "now"])
+        self.assertEqual(len(d.world.clis), 1)
+
+    def test_capacity_and_queue(self) -> None:
+        """With --max-runs 1 --max-queue 1 a second turn waits (its stream says it is queued), a third gets
+        503 with Retry-After, and the waiting one starts when the first ends; a waiting client that leaves
+        frees its place without a CLI ever being started for it, and its new session leaves nothing."""
+        d = self.daemon(max_runs=1, max_queue=1)
+        d.world.hold_turns = True
+        first = d.post({"prompt": "first"})
+        waiting = d.post({"prompt": "queued"})
+        self.assertIn(b'"subtype":"queued","position":1', bytes(waiting.sse.raw))
+        full = d.post({"prompt": "no room"})
+        self.assertEqual(full.code, 503)
+        self.assertEqual(full.header("Retry-After"), "5")
+        self.assertEqual(json.loads(bytes(full.sse.raw))["error"]["code"], "server_busy")
+        waiting.disconnect()
+        self.assertEqual(len(d.world.clis), 1)
+        with sqlite3.connect(os.path.join(self.base, "sessions.db")) as db:
+            rows = list(db.execute("SELECT claude_session_id FROM sessions"))
+        workspaces = os.listdir(os.path.join(self.base, "Workspace"))
+        self.assertEqual((len(rows), len(workspaces)), (1, 1))  # the one that left is gone
+        queued = d.post({"prompt": "queued again"})
+        self.assertEqual(len(d.world.clis), 1)
+        d.world.hold_turns = False
+        d.call("POST", f"/api/sessions/{first.session_id}/cancel", headers={"Content-Type": "application/json"})
+        self.assertTrue(first.done)
+        self.assertEqual(queued.code, 200)
+        self.assertEqual(queued.types()[:2], ["queued", "init"])
+        self.assertEqual(d.world.clis[1].stdin[-1]["message"]["content"], "queued again")
+        self.assertTrue(queued.done)
+        self.assertEqual(len(d.world.clis), 2)
+
+
 class DaemonLifecycle(TestCase):
+    """What only real processes show, through a real twistd; where a test makes several checks on one daemon,
+    each check sees only what the daemon did from its own start on (L{Since})."""
+
     timeout = 60
 
     @inlineCallbacks
@@ -519,10 +552,18 @@ class DaemonLifecycle(TestCase):
         return self.daemon
 
     @inlineCallbacks
-    def test_disconnect_interrupts_the_turn(self) -> Any:
+    def test_turns_stopped_and_resumed(self) -> Any:
+        """One daemon without spares: a client that goes away, and the cancel endpoint, interrupt the turn and
+        the CLI stays warm for the next; back-to-back turns go to the warm process, and other spawn options
+        put it to sleep first (each check's own docstring says exactly what it proves)."""
+        yield self.start()
+        for check in (self.disconnect_interrupts_the_turn, self.cancel_endpoint, self.back_to_back_turns):
+            yield check(self.daemon.since())
+
+    @inlineCallbacks
+    def disconnect_interrupts_the_turn(self, daemon: Since) -> Any:
         """A client that goes away gets its turn interrupted with the interrupt request (no signal): the tool
         it ran in a session of its own is gone, the CLI stays warm, and the session's next turn runs in it."""
-        daemon = yield self.start()
         client = yield raw_post(daemon.port, {"prompt": "[[fake hang=1 grandchild=1]]"})
         yield client.got_data
         [call] = daemon.invocations()
@@ -538,10 +579,9 @@ class DaemonLifecycle(TestCase):
         self.assertEqual([t["pid"] for t in daemon.turns()], [call["pid"]] * 2)
 
     @inlineCallbacks
-    def test_cancel_endpoint(self) -> Any:
+    def cancel_endpoint(self, daemon: Since) -> Any:
         """POST /api/sessions/<id>/cancel interrupts the running turn, whose stream ends with its one result
         saying cancelled, and the CLI stays warm; 409 when nothing runs, 404 for an unknown session."""
-        daemon = yield self.start()
         frames: list[bytes] = []
         running = streaming(daemon.url, {"prompt": "[[fake hang=1]]"}, frames)
         yield wait_for(lambda: frames)
@@ -561,31 +601,10 @@ class DaemonLifecycle(TestCase):
         self.assertEqual(reply.status, 404)
 
     @inlineCallbacks
-    def test_one_turn_per_session(self) -> Any:
-        """A second turn for a session whose turn is running is refused with 409 session_busy at once and
-        reaches no CLI; once the turn is over the session takes turns again, in the same process."""
-        daemon = yield self.start()
-        first = yield post(daemon.url + "/api/claude", {"prompt": "hi"})
-        sid = first.session_id
-        frames: list[bytes] = []
-        running = streaming(daemon.url, {"prompt": "[[fake hang=1]]", "session_id": sid}, frames)
-        yield wait_for(lambda: frames)
-        busy = yield post(daemon.url + "/api/claude", {"prompt": "me too", "session_id": sid})
-        self.assertEqual((busy.status, busy.json()["error"]["code"]), (409, "session_busy"))
-        self.assertEqual(len(daemon.turns()), 2)
-        yield post(f"{daemon.url}/api/sessions/{sid}/cancel", {})
-        yield running
-        after = yield post(daemon.url + "/api/claude", {"prompt": "now", "session_id": sid})
-        self.assertEqual(after.status, 200)
-        self.assertEqual([t["prompt"] for t in daemon.turns()], ["hi", "[[fake hang=1]]", "now"])
-        self.assertEqual(len(daemon.invocations()), 1)
-
-    @inlineCallbacks
-    def test_back_to_back_turns(self) -> Any:
+    def back_to_back_turns(self, daemon: Since) -> Any:
         """A turn sent right after the previous result goes to the same warm process at once; a turn that
         needs other spawn options waits until that process has been put to sleep (stdin closed, no signal),
         then resumes the session in a new process with those options."""
-        daemon = yield self.start()
         first = yield post(daemon.url + "/api/claude", {"prompt": "one"})
         sid = first.session_id
         second = yield post(daemon.url + "/api/claude", {"prompt": "two", "session_id": sid})
@@ -603,50 +622,27 @@ class DaemonLifecycle(TestCase):
         self.assertEqual(third.sse.ids[0], second.sse.ids[-1] + 1)
 
     @inlineCallbacks
-    def test_capacity_and_queue(self) -> Any:
-        """With --max-runs 1 --max-queue 1 a second turn waits (its stream says it is queued), a third gets
-        503 with Retry-After, and the waiting one starts when the first ends; a waiting client that leaves
-        frees its place without a CLI ever being started for it, and its new session leaves nothing."""
-        daemon = yield self.start("--max-runs", "1", "--max-queue", "1")
-        frames: list[bytes] = []
-        first = streaming(daemon.url, {"prompt": "[[fake hang=1]]"}, frames)
-        yield wait_for(lambda: frames)
-        waiting = yield raw_post(daemon.port, {"prompt": "queued"})
-        yield waiting.got_data
-        self.assertIn(b'"subtype":"queued","position":1', waiting.data)
-        full = yield post(daemon.url + "/api/claude", {"prompt": "no room"})
-        self.assertEqual(full.status, 503)
-        self.assertEqual(full.header("Retry-After"), "5")
-        self.assertEqual(full.json()["error"]["code"], "server_busy")
-        waiting.transport.abortConnection()
-        yield wait_for(lambda: ": disconnected," in daemon.log)
-        self.assertEqual(len(daemon.invocations()), 1)
-        self.assertEqual((len(daemon.rows()), len(daemon.workspaces())), (1, 1))  # the one that left is gone
-        queued = post(daemon.url + "/api/claude", {"prompt": "queued again"})
-        yield sleep(0.2)
-        self.assertEqual(len(daemon.invocations()), 1)
-        sid = json.loads(frames[0])["session_id"]
-        yield post(f"{daemon.url}/api/sessions/{sid}/cancel", {})
-        reply = yield queued
-        self.assertEqual(reply.status, 200)
-        self.assertEqual([e.get("subtype") for e in reply.sse.events()][:2], ["queued", "init"])
-        self.assertEqual(reply.sse.events()[1]["fake"]["prompt"], "queued again")
-        self.assertEqual(len(daemon.invocations()), 2)
-        yield first
-
-    @inlineCallbacks
-    def test_shutdown_ends_streams_and_processes(self) -> Any:
+    def test_shutdown_restart_and_kill_9(self) -> Any:
         """SIGTERM to twistd ends each open stream with one result saying server_shutdown (the CLI's own after
         the interrupt request, or after SIGINT for a CLI that ignores the request), leaves no CLI process
         behind (idle, spare, running, and the tool one left in a session of its own) and exits cleanly and
-        promptly. (The whole ladder, up to SIGKILL, is proved on a Clock in L{InProcessSessions}.)"""
+        promptly, within --kill-grace + 5 s. (The whole ladder, up to SIGKILL, is proved on a Clock in
+        L{InProcessSessions}.) A daemon restarted on the same data dir replays a session's events byte-exact,
+        a line larger than the in-memory limit and the shutdown's result among them. After kill -9 of the
+        daemon its CLIs exit on their own (stdin closed), and a daemon restarted on the same data dir resumes
+        every session under its id, with event ids going on from the old log."""
         daemon = yield self.start("--kill-grace", "0.2", spares=1)
         idle = yield post(daemon.url + "/api/claude", {"prompt": "hi"})
         self.assertEqual(idle.status, 200)
+        giant = yield post(daemon.url + "/api/claude", {"prompt": "[[fake giant=3000000]]"})
+        giant_sid = giant.session_id
+        giant_frames = bytes(giant.sse.raw)
+        self.assertIn(3000000, [len(f) for f in giant.sse.frames])
         streams = []
-        for prompt in ("[[fake hang=1]]", "[[fake hang=1 ignore_interrupt=1 grandchild=1]]"):
+        for body in ({"prompt": "[[fake hang=1]]", "session_id": giant_sid},
+                     {"prompt": "[[fake hang=1 ignore_interrupt=1 grandchild=1]]"}):
             frames: list[bytes] = []
-            streams.append(streaming(daemon.url, {"prompt": prompt}, frames))
+            streams.append(streaming(daemon.url, body, frames))
             yield wait_for(lambda frames=frames: frames)
         yield wait_for(lambda: len(daemon.invocations()) == 4)  # three sessions and a spare
         pids = [c["pid"] for c in daemon.invocations()] + daemon.grandchildren()
@@ -668,25 +664,25 @@ class DaemonLifecycle(TestCase):
         for pid in pids:
             self.assertFalse(pid_alive(pid), pid)
 
-    @inlineCallbacks
-    def test_sessions_survive_kill_9(self) -> Any:
-        """After kill -9 of the daemon its CLIs exit on their own (stdin closed), and a daemon restarted on
-        the same data dir resumes every session under its id, with event ids going on from the old log."""
-        daemon = yield self.start(spares=1)
+        restarted = daemon.again(spares=1)
+        since = restarted.since()
+        yield restarted.start()
+        code, replay = yield get_stream(f"{restarted.url}/api/sessions/{giant_sid}/events", {"Last-Event-ID": "0"})
+        self.assertEqual(code, 200)
+        self.assertEqual(bytes(replay.raw)[:len(giant_frames)], giant_frames)
+        self.assertEqual(replay.ids, list(range(1, len(replay.ids) + 1)))
+        self.assertEqual(replay.results()[-1]["terminal_reason"], "server_shutdown")
+
         sids = []
         for _ in range(2):
-            reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"})
+            reply = yield post(restarted.url + "/api/claude", {"prompt": "hi"})
             sids.append(reply.session_id)
-        yield wait_for(lambda: len(daemon.invocations()) == 3)  # two sessions and a spare
-        old = [c["pid"] for c in daemon.invocations()]
-        daemon.signal(signal.SIGKILL)
-        yield daemon.proto.ended
+        yield wait_for(lambda: len(since.invocations()) == 3)  # two sessions and a spare
+        old = [c["pid"] for c in since.invocations()]
+        restarted.signal(signal.SIGKILL)
+        yield restarted.proto.ended
         yield wait_for(lambda: not any(pid_alive(pid) for pid in old))
-        again = Daemon(self)
-        again.data_dir = daemon.data_dir
-        again.state_dir = daemon.state_dir
-        again.env["FAKE_STATE_DIR"] = daemon.state_dir
-        again.args[again.args.index("--data-dir") + 1] = daemon.data_dir
+        again = restarted.again()
         yield again.start()
         for sid in sids:
             reply = yield post(again.url + "/api/claude", {"prompt": "back", "session_id": sid})

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
-
 from claudesrv.live import COLD, IDLE, Limits
-from tests.harness import Daemon, FakeWorld
+from tests.harness import Daemon, DaemonTestCase, FakeWorld
 
 JSON = {"Content-Type": "application/json"}
 
@@ -24,17 +21,7 @@ def limits(**overrides: Any) -> Limits:
     return Limits(**values)
 
 
-class LiveTestCase(SynchronousTestCase):
-    def daemon(self, **overrides: Any) -> Daemon:
-        self.base = os.path.abspath(self.mktemp())
-        os.makedirs(self.base)
-        daemon = Daemon(self.base, limits(**overrides))
-        self.addCleanup(daemon.close)
-        return daemon
-
-    def rows(self) -> list[tuple[str, str]]:
-        with sqlite3.connect(os.path.join(self.base, "sessions.db")) as db:
-            return list(db.execute("SELECT claude_session_id, workspace_path FROM sessions"))
+LiveTestCase = DaemonTestCase
 
 
 class WarmTurns(LiveTestCase):

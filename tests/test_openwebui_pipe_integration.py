@@ -21,7 +21,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.support import Daemon, pid_alive, post, wait_for
+from tests.support import Daemon, Since, pid_alive, post, wait_for
 from tests.test_openwebui_pipe_units import load_pipe_module
 
 MARKER = re.compile(r"\nsession_id=([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\Z")
@@ -125,7 +125,7 @@ def closed_port() -> int:
 
 
 @inlineCallbacks
-def wait_stopped(test: TestCase, daemon: Daemon, pid: int) -> Any:
+def wait_stopped(test: TestCase, daemon: Daemon | Since, pid: int) -> Any:
     """The turn of CLI C{pid} was interrupted because its client left: the interrupt request reached it, the
     turn ended, no signal was needed, and the process is still up for the session's next turn."""
     sid = next(t["session_id"] for t in daemon.turns() if t["pid"] == pid)
@@ -138,9 +138,10 @@ def wait_stopped(test: TestCase, daemon: Daemon, pid: int) -> Any:
 
 
 class PipeAgainstDaemon(TestCase):
-    """Conversations through the pipe with a real claudesrv and the fake CLI."""
+    """Conversations through the pipe with a real claudesrv and the fake CLI. Where a test makes several checks
+    on one daemon, each check sees only what the daemon did from its own start on (L{Since})."""
 
-    timeout = 30
+    timeout = 60
 
     def check_finished(self, turn: Turn) -> None:
         """Status lines were shown and the last one, and only it, says done."""
@@ -150,67 +151,19 @@ class PipeAgainstDaemon(TestCase):
         self.assertEqual([done for _, done in statuses[:-1]], [False] * (len(statuses) - 1), statuses)
 
     @inlineCallbacks
-    def test_new_session(self) -> Any:
-        """A first message starts a session: the assistant's text streams, the answer ends with a
-        ``session_id=<uuid>`` line for that session, and the status line ends with done True."""
-        daemon = yield Daemon(self).start()
-        turn = yield run_pipe(make_pipe(base_url=daemon.url), chat(user("hello")), __chat_id__="chat-1")
-        self.assertIn(reply_to("hello"), turn.text)
-        session = turn.session_id()
-        self.assertIsNotNone(session, turn.text)
-        [call] = daemon.invocations()
-        self.assertIn(f"--session-id={session}", call["argv"])
-        [sent] = daemon.turns()
-        self.assertEqual((sent["session_id"], sent["prompt"]), (session, "hello"))
-        self.check_finished(turn)
-        self.assertEqual(turn.statuses()[0], ("Starting Claude Code…", False))
-        self.assertTrue(turn.statuses()[-1][0].startswith("Done"), turn.statuses())
-
-    @inlineCallbacks
-    def test_second_turn_resumes_from_history(self) -> Any:
-        """A later message resumes the session named by the marker in the history (string or
-        list-of-parts content alike), in the session's own warm CLI process; a fresh Pipe finds it, so it
-        comes from the history and not from the pipe's memory."""
-        daemon = yield Daemon(self).start()
-        first = yield run_pipe(make_pipe(base_url=daemon.url), chat(user("hello")))
-        session = first.session_id()
-        self.assertIsNotNone(session)
-
-        history = [user("hello"), assistant(first.stored)]
-        second = yield run_pipe(make_pipe(base_url=daemon.url), chat(*history, user("again")))
-        self.assertEqual(second.session_id(), session)
-        self.assertEqual(second.statuses()[0], ("Resuming the Claude Code session…", False))
-        self.check_finished(second)
-
-        parts = [user([{"type": "text", "text": "hello"}]),
-                 assistant([{"type": "text", "text": first.stored}]),
-                 user([{"type": "text", "text": "again"}]),
-                 assistant(second.stored),
-                 user([{"type": "text", "text": "third"}, {"type": "image_url", "image_url": {"url": "x"}}])]
-        third = yield run_pipe(make_pipe(base_url=daemon.url), chat(*parts))
-        self.assertIn(reply_to("third"), third.text)
-        self.assertEqual(third.session_id(), session)
-
-        turns = daemon.turns()
-        self.assertEqual([t["prompt"] for t in turns], ["hello", "again", "third"])
-        [call] = daemon.invocations()
-        self.assertEqual({(t["session_id"], t["pid"]) for t in turns}, {(session, call["pid"])})
-
-    @inlineCallbacks
-    def test_chat_id_fallback(self) -> Any:
-        """When the marker is gone from the history (context compaction), the same Pipe resumes the
-        session it last saw in that chat (``__chat_id__``, or ``chat_id`` in ``__metadata__``)."""
-        daemon = yield Daemon(self).start()
-        pipe = make_pipe(base_url=daemon.url)
-        first = yield run_pipe(pipe, chat(user("hello")), __metadata__={"chat_id": "chat-7"})
-        session = first.session_id()
-        summary = [user("hello"), assistant("A summary of the chat so far."), user("again")]
-        second = yield run_pipe(pipe, chat(*summary), __chat_id__="chat-7")
-        self.assertEqual(second.session_id(), session)
-        other = yield run_pipe(pipe, chat(*summary), __chat_id__="chat-8")
-        self.assertNotEqual(other.session_id(), session)
-        self.assertEqual([t["session_id"] for t in daemon.turns()], [session, session, other.session_id()])
-        self.assertEqual(len(daemon.invocations()), 2)
+    def test_conversations(self) -> Any:
+        """One daemon (refusing dangerously-skip-permissions: as root by default, else with --skip-permissions
+        deny): background tasks answered without a request; a refused request rendered readable; a first
+        message starting a session; later messages resuming it from the history or, without a marker, from
+        the chat id; Open WebUI's Stop interrupting the turn (each check's own docstring says exactly what it
+        proves)."""
+        as_root = os.geteuid() == 0
+        daemon = yield Daemon(self, *(() if as_root else ("--skip-permissions", "deny"))).start()
+        yield self.task_answered_without_request(daemon.since())  # first: its log has no request at all
+        yield self.skip_permissions_refused(daemon.since(), as_root)
+        for check in (self.new_session, self.second_turn_resumes_from_history, self.chat_id_fallback,
+                      self.stop_interrupts_the_turn):
+            yield check(daemon.since())
 
     @inlineCallbacks
     def test_parameters_carry_over(self) -> Any:
@@ -237,13 +190,71 @@ class PipeAgainstDaemon(TestCase):
         self.assertEqual(call["env"].get("IS_SANDBOX"), "1")
 
     @inlineCallbacks
-    def test_skip_permissions_refused(self) -> Any:
+    def new_session(self, daemon: Since) -> Any:
+        """A first message starts a session: the assistant's text streams, the answer ends with a
+        ``session_id=<uuid>`` line for that session, and the status line ends with done True."""
+        turn = yield run_pipe(make_pipe(base_url=daemon.url), chat(user("hello")), __chat_id__="chat-1")
+        self.assertIn(reply_to("hello"), turn.text)
+        session = turn.session_id()
+        self.assertIsNotNone(session, turn.text)
+        [call] = daemon.invocations()
+        self.assertIn(f"--session-id={session}", call["argv"])
+        [sent] = daemon.turns()
+        self.assertEqual((sent["session_id"], sent["prompt"]), (session, "hello"))
+        self.check_finished(turn)
+        self.assertEqual(turn.statuses()[0], ("Starting Claude Code…", False))
+        self.assertTrue(turn.statuses()[-1][0].startswith("Done"), turn.statuses())
+
+    @inlineCallbacks
+    def second_turn_resumes_from_history(self, daemon: Since) -> Any:
+        """A later message resumes the session named by the marker in the history (string or
+        list-of-parts content alike), in the session's own warm CLI process; a fresh Pipe finds it, so it
+        comes from the history and not from the pipe's memory."""
+        first = yield run_pipe(make_pipe(base_url=daemon.url), chat(user("hello")))
+        session = first.session_id()
+        self.assertIsNotNone(session)
+
+        history = [user("hello"), assistant(first.stored)]
+        second = yield run_pipe(make_pipe(base_url=daemon.url), chat(*history, user("again")))
+        self.assertEqual(second.session_id(), session)
+        self.assertEqual(second.statuses()[0], ("Resuming the Claude Code session…", False))
+        self.check_finished(second)
+
+        parts = [user([{"type": "text", "text": "hello"}]),
+                 assistant([{"type": "text", "text": first.stored}]),
+                 user([{"type": "text", "text": "again"}]),
+                 assistant(second.stored),
+                 user([{"type": "text", "text": "third"}, {"type": "image_url", "image_url": {"url": "x"}}])]
+        third = yield run_pipe(make_pipe(base_url=daemon.url), chat(*parts))
+        self.assertIn(reply_to("third"), third.text)
+        self.assertEqual(third.session_id(), session)
+
+        turns = daemon.turns()
+        self.assertEqual([t["prompt"] for t in turns], ["hello", "again", "third"])
+        [call] = daemon.invocations()
+        self.assertEqual({(t["session_id"], t["pid"]) for t in turns}, {(session, call["pid"])})
+
+    @inlineCallbacks
+    def chat_id_fallback(self, daemon: Since) -> Any:
+        """When the marker is gone from the history (context compaction), the same Pipe resumes the
+        session it last saw in that chat (``__chat_id__``, or ``chat_id`` in ``__metadata__``)."""
+        pipe = make_pipe(base_url=daemon.url)
+        first = yield run_pipe(pipe, chat(user("hello")), __metadata__={"chat_id": "chat-7"})
+        session = first.session_id()
+        summary = [user("hello"), assistant("A summary of the chat so far."), user("again")]
+        second = yield run_pipe(pipe, chat(*summary), __chat_id__="chat-7")
+        self.assertEqual(second.session_id(), session)
+        other = yield run_pipe(pipe, chat(*summary), __chat_id__="chat-8")
+        self.assertNotEqual(other.session_id(), session)
+        self.assertEqual([t["session_id"] for t in daemon.turns()], [session, session, other.session_id()])
+        self.assertEqual(len(daemon.invocations()), 2)
+
+    @inlineCallbacks
+    def skip_permissions_refused(self, daemon: Since, as_root: bool) -> Any:
         """A server that refuses dangerously-skip-permissions (HTTP 403) is rendered as readable text
         naming the refusal, with no session marker and no CLI run; it does not blame the api_token
         valve. The setting carries over, so the next message is refused too, until a message says
         ``dangerously-skip-permissions=false``, as the answer tells the user."""
-        as_root = os.geteuid() == 0
-        daemon = yield Daemon(self, *(() if as_root else ("--skip-permissions", "deny"))).start()
         asked = user("dangerously-skip-permissions=true\nrm -rf build")
         turn = yield run_pipe(make_pipe(base_url=daemon.url), chat(asked))
         code = "skip_permissions_as_root" if as_root else "skip_permissions_denied"
@@ -265,10 +276,9 @@ class PipeAgainstDaemon(TestCase):
         self.assertNotIn("--dangerously-skip-permissions", call["argv"])
 
     @inlineCallbacks
-    def test_task_answered_without_request(self) -> Any:
+    def task_answered_without_request(self, daemon: Since) -> Any:
         """Open WebUI's background tasks (title, follow-ups, tags, others) are answered at once,
         with a non-streaming body, and the server never runs the CLI for them."""
-        daemon = yield Daemon(self).start()
         pipe = make_pipe(base_url=daemon.url)
         body = chat(user("allowedTools=Bash\nFix the failing build please"), stream=False)
         title = yield run_pipe(pipe, body, __task__="title_generation", __task_body__=body)
@@ -282,127 +292,11 @@ class PipeAgainstDaemon(TestCase):
         self.assertEqual(daemon.turns(), [])
         self.assertNotIn("/api/claude", daemon.log)
 
-
-class ErrorsRendered(TestCase):
-    """Every way a turn can fail ends as readable text and a final status, never as an exception."""
-
-    timeout = 30
-
-    def assertFailedStatus(self, turn: Turn, prefix: str = "Failed") -> None:
-        last = turn.statuses()[-1]
-        self.assertTrue(last[1], last)
-        self.assertTrue(last[0].startswith(prefix), last)
-
     @inlineCallbacks
-    def test_is_error_result(self) -> Any:
-        """A turn whose result from the CLI says is_error (here the CLI refuses to resume a session whose
-        transcript is gone) shows the CLI's message and the result's subtype, and still ends with the session
-        marker."""
-        daemon = yield Daemon(self, "--warm-idle", "0.2").start()
-        first = yield run_pipe(make_pipe(base_url=daemon.url), chat(user("hello")))
-        session = first.session_id()
-        [call] = daemon.invocations()
-        yield wait_for(lambda: not pid_alive(call["pid"]))
-        os.remove(os.path.join(daemon.state_dir, "sessions", str(session)))
-        turn = yield run_pipe(make_pipe(base_url=daemon.url),
-                              chat(user("hello"), assistant(first.stored), user("again")))
-        self.assertIn(f"**Claude Code failed:** No conversation found with session ID: {session}", turn.text)
-        self.assertEqual(turn.session_id(), session)
-        self.assertFailedStatus(turn, "Failed: error_during_execution")
-
-    @inlineCallbacks
-    def test_cli_failure_with_only_stderr(self) -> Any:
-        """A CLI that prints nothing on stdout and exits 3 with ``boom`` on stderr: the answer says
-        Claude Code failed, with the exit code and the stderr text."""
-        daemon = yield Daemon(self).start()
-        turn = yield run_pipe(make_pipe(base_url=daemon.url),
-                              chat(user("[[fake no_init=1 exit=3 stderr=boom]] hi")))
-        self.assertIn("**Claude Code failed:**", turn.text)
-        self.assertIn("exit code 3", turn.text)
-        self.assertIn("<summary>stderr</summary>", turn.text)
-        self.assertIn("boom", turn.text)
-        self.assertFailedStatus(turn)
-
-    @inlineCallbacks
-    def test_no_marker_for_a_session_that_never_came_to_be(self) -> Any:
-        """When the CLI of a chat's first message fails before saying anything, the server removes the new
-        session, so the answer carries no session marker and the chat's next message starts a new session
-        (it is not refused as an unknown session)."""
-        daemon = yield Daemon(self).start()
-        failed = yield run_pipe(make_pipe(base_url=daemon.url), chat(user("[[fake no_init=1 exit=3]] hi")))
-        self.assertIsNone(failed.session_id(), failed.text)
-        again = yield run_pipe(make_pipe(base_url=daemon.url),
-                               chat(user("[[fake no_init=1 exit=3]] hi"), assistant(failed.stored), user("hello")))
-        self.assertIn(reply_to("hello"), again.text)
-        self.assertIsNotNone(again.session_id())
-
-
-    @inlineCallbacks
-    def test_unknown_session(self) -> Any:
-        """A history marker naming a session the server does not know: HTTP 404 rendered with the
-        hint to start a new session, and the stale marker is not repeated."""
-        daemon = yield Daemon(self).start()
-        turn = yield run_pipe(make_pipe(base_url=daemon.url),
-                              chat(user("hello"), assistant(f"Hi.\n\nsession_id={UNKNOWN_SESSION}"), user("again")))
-        self.assertIn("**claudesrv refused the request** (HTTP 404 session_not_found)", turn.text)
-        self.assertIn("new_session=true", turn.text)
-        self.assertNotIn(f"session_id={UNKNOWN_SESSION}", turn.text)
-        self.assertIsNone(turn.session_id())
-        self.assertEqual(turn.statuses()[-1], ("Refused (HTTP 404)", True))
-        self.assertEqual(daemon.invocations(), [])
-
-    @inlineCallbacks
-    def test_bearer_token(self) -> Any:
-        """Against a server that wants a token, a wrong or missing ``api_token`` valve gives a
-        readable 401 pointing at the valve; the right one gets the answer."""
-        daemon = yield Daemon(self, env={"CLAUDESRV_AUTH_TOKENS": "secret"}).start()
-        for token in ("wrong", ""):
-            turn = yield run_pipe(make_pipe(base_url=daemon.url, api_token=token), chat(user("hello")))
-            self.assertIn("**claudesrv refused the request** (HTTP 401", turn.text)
-            self.assertIn("`api_token` valve", turn.text)
-            self.assertIsNone(turn.session_id())
-            self.assertEqual(turn.statuses()[-1], ("Refused (HTTP 401)", True))
-        self.assertEqual(daemon.turns(), [])
-        good = yield run_pipe(make_pipe(base_url=daemon.url, api_token="secret"), chat(user("hello")))
-        self.assertIn(reply_to("hello"), good.text)
-        self.assertIsNotNone(good.session_id())
-
-    @inlineCallbacks
-    def test_server_down(self) -> Any:
-        """Nothing listening at base_url: a readable "could not connect" naming the URL."""
-        url = f"http://127.0.0.1:{closed_port()}"
-        turn = yield run_pipe(make_pipe(base_url=url, connect_timeout=5), chat(user("hello")))
-        self.assertIn(f"**Could not connect to claudesrv** at {url}/api/claude", turn.text)
-        self.assertIn("`base_url` valve", turn.text)
-        self.assertIsNone(turn.session_id())
-        self.assertFailedStatus(turn)
-
-    @inlineCallbacks
-    def test_idle_timeout(self) -> Any:
-        """A run that goes silent (no keepalives) longer than the idle_timeout valve: the pipe stops
-        waiting, says so, keeps the session marker, and closing the stream interrupts the turn (the CLI
-        stays up for the session's next turn)."""
-        daemon = yield Daemon(self, "--keepalive", "0").start()
-        turn = yield run_pipe(make_pipe(base_url=daemon.url, idle_timeout=0.5), chat(user("[[fake hang=1]] hi")))
-        self.assertIn("**claudesrv sent nothing for 0.5 s**", turn.text)
-        self.assertIn("`idle_timeout` valve", turn.text)
-        [call] = daemon.invocations()
-        self.assertEqual(turn.session_id(), call["session_id"])
-        self.assertFailedStatus(turn)
-        yield wait_stopped(self, daemon, call["pid"])
-
-
-class Cancellation(TestCase):
-    """Open WebUI's Stop ends the generator; the stream closes and the CLI is interrupted."""
-
-    timeout = 30
-
-    @inlineCallbacks
-    def test_stop_interrupts_the_turn(self) -> Any:
+    def stop_interrupts_the_turn(self, daemon: Since) -> Any:
         """Closing the pipe's generator after the first text (``aclose``), or cancelling the task that reads
         it while it waits for data (no text yet, as when Open WebUI cancels a chat's task), closes the HTTP
         stream: the turn is interrupted (the CLI stays up), and the status line ends as Stopped, done."""
-        daemon = yield Daemon(self).start()
         pipe = make_pipe(base_url=daemon.url)
         closing = Recorder()
 
@@ -440,3 +334,119 @@ class Cancellation(TestCase):
         self.assertNotEqual(second["pid"], call["pid"])
         yield wait_stopped(self, daemon, second["pid"])
         self.assertEqual(cancelling.statuses()[-1], ("Stopped", True))
+
+
+class ErrorsRendered(TestCase):
+    """Every way a turn can fail ends as readable text and a final status, never as an exception. Where a test
+    makes several checks on one daemon, each check sees only what the daemon did from its own start on
+    (L{Since})."""
+
+    timeout = 60
+
+    def assertFailedStatus(self, turn: Turn, prefix: str = "Failed") -> None:
+        last = turn.statuses()[-1]
+        self.assertTrue(last[1], last)
+        self.assertTrue(last[0].startswith(prefix), last)
+
+    @inlineCallbacks
+    def test_failures_rendered(self) -> Any:
+        """One daemon without keepalives: an unknown session, a CLI failing with only stderr, a new session
+        that never came to be, and a run that goes silent longer than the idle_timeout valve, each rendered as
+        readable text (each check's own docstring says exactly what it proves)."""
+        daemon = yield Daemon(self, "--keepalive", "0").start()
+        for check in (self.unknown_session, self.cli_failure_with_only_stderr,
+                      self.no_marker_for_a_session_that_never_came_to_be, self.idle_timeout):
+            yield check(daemon.since())
+
+    @inlineCallbacks
+    def test_is_error_result(self) -> Any:
+        """A turn whose result from the CLI says is_error (here the CLI refuses to resume a session whose
+        transcript is gone) shows the CLI's message and the result's subtype, and still ends with the session
+        marker."""
+        daemon = yield Daemon(self, "--warm-idle", "0.2").start()
+        first = yield run_pipe(make_pipe(base_url=daemon.url), chat(user("hello")))
+        session = first.session_id()
+        [call] = daemon.invocations()
+        yield wait_for(lambda: not pid_alive(call["pid"]))
+        os.remove(os.path.join(daemon.state_dir, "sessions", str(session)))
+        turn = yield run_pipe(make_pipe(base_url=daemon.url),
+                              chat(user("hello"), assistant(first.stored), user("again")))
+        self.assertIn(f"**Claude Code failed:** No conversation found with session ID: {session}", turn.text)
+        self.assertEqual(turn.session_id(), session)
+        self.assertFailedStatus(turn, "Failed: error_during_execution")
+
+    @inlineCallbacks
+    def test_bearer_token(self) -> Any:
+        """Against a server that wants a token, a wrong or missing ``api_token`` valve gives a
+        readable 401 pointing at the valve; the right one gets the answer."""
+        daemon = yield Daemon(self, env={"CLAUDESRV_AUTH_TOKENS": "secret"}).start()
+        for token in ("wrong", ""):
+            turn = yield run_pipe(make_pipe(base_url=daemon.url, api_token=token), chat(user("hello")))
+            self.assertIn("**claudesrv refused the request** (HTTP 401", turn.text)
+            self.assertIn("`api_token` valve", turn.text)
+            self.assertIsNone(turn.session_id())
+            self.assertEqual(turn.statuses()[-1], ("Refused (HTTP 401)", True))
+        self.assertEqual(daemon.turns(), [])
+        good = yield run_pipe(make_pipe(base_url=daemon.url, api_token="secret"), chat(user("hello")))
+        self.assertIn(reply_to("hello"), good.text)
+        self.assertIsNotNone(good.session_id())
+
+    @inlineCallbacks
+    def test_server_down(self) -> Any:
+        """Nothing listening at base_url: a readable "could not connect" naming the URL."""
+        url = f"http://127.0.0.1:{closed_port()}"
+        turn = yield run_pipe(make_pipe(base_url=url, connect_timeout=5), chat(user("hello")))
+        self.assertIn(f"**Could not connect to claudesrv** at {url}/api/claude", turn.text)
+        self.assertIn("`base_url` valve", turn.text)
+        self.assertIsNone(turn.session_id())
+        self.assertFailedStatus(turn)
+
+    @inlineCallbacks
+    def cli_failure_with_only_stderr(self, daemon: Since) -> Any:
+        """A CLI that prints nothing on stdout and exits 3 with ``boom`` on stderr: the answer says
+        Claude Code failed, with the exit code and the stderr text."""
+        turn = yield run_pipe(make_pipe(base_url=daemon.url),
+                              chat(user("[[fake no_init=1 exit=3 stderr=boom]] hi")))
+        self.assertIn("**Claude Code failed:**", turn.text)
+        self.assertIn("exit code 3", turn.text)
+        self.assertIn("<summary>stderr</summary>", turn.text)
+        self.assertIn("boom", turn.text)
+        self.assertFailedStatus(turn)
+
+    @inlineCallbacks
+    def no_marker_for_a_session_that_never_came_to_be(self, daemon: Since) -> Any:
+        """When the CLI of a chat's first message fails before saying anything, the server removes the new
+        session, so the answer carries no session marker and the chat's next message starts a new session
+        (it is not refused as an unknown session)."""
+        failed = yield run_pipe(make_pipe(base_url=daemon.url), chat(user("[[fake no_init=1 exit=3]] hi")))
+        self.assertIsNone(failed.session_id(), failed.text)
+        again = yield run_pipe(make_pipe(base_url=daemon.url),
+                               chat(user("[[fake no_init=1 exit=3]] hi"), assistant(failed.stored), user("hello")))
+        self.assertIn(reply_to("hello"), again.text)
+        self.assertIsNotNone(again.session_id())
+
+    @inlineCallbacks
+    def unknown_session(self, daemon: Since) -> Any:
+        """A history marker naming a session the server does not know: HTTP 404 rendered with the
+        hint to start a new session, and the stale marker is not repeated."""
+        turn = yield run_pipe(make_pipe(base_url=daemon.url),
+                              chat(user("hello"), assistant(f"Hi.\n\nsession_id={UNKNOWN_SESSION}"), user("again")))
+        self.assertIn("**claudesrv refused the request** (HTTP 404 session_not_found)", turn.text)
+        self.assertIn("new_session=true", turn.text)
+        self.assertNotIn(f"session_id={UNKNOWN_SESSION}", turn.text)
+        self.assertIsNone(turn.session_id())
+        self.assertEqual(turn.statuses()[-1], ("Refused (HTTP 404)", True))
+        self.assertEqual(daemon.invocations(), [])
+
+    @inlineCallbacks
+    def idle_timeout(self, daemon: Since) -> Any:
+        """A run that goes silent (no keepalives) longer than the idle_timeout valve: the pipe stops
+        waiting, says so, keeps the session marker, and closing the stream interrupts the turn (the CLI
+        stays up for the session's next turn)."""
+        turn = yield run_pipe(make_pipe(base_url=daemon.url, idle_timeout=0.5), chat(user("[[fake hang=1]] hi")))
+        self.assertIn("**claudesrv sent nothing for 0.5 s**", turn.text)
+        self.assertIn("`idle_timeout` valve", turn.text)
+        [call] = daemon.invocations()
+        self.assertEqual(turn.session_id(), call["session_id"])
+        self.assertFailedStatus(turn)
+        yield wait_stopped(self, daemon, call["pid"])

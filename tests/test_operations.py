@@ -17,34 +17,21 @@ import treq
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.internet import TimerService
 from twisted.internet.defer import fail, inlineCallbacks, succeed
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import TestCase
 
 from claudesrv.app import ClaudeAPI
-from claudesrv.live import IDLE, Limits
+from claudesrv.live import IDLE
 from tests import harness
-from tests.support import Daemon, pid_alive, post, wait_for
+from tests.rawhttp import raw_post
+from tests.support import Daemon, Since, get_json, pid_alive, post, wait_for
 
 TOKEN = "ops-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LEGACY_ID = "00000000-0000-4000-8000-0000000000aa"
 
 
-@inlineCallbacks
-def get_json(url: str, **kwargs: Any) -> Any:
-    response = yield treq.get(url, persistent=False, **kwargs)
-    body = yield response.content()
-    return response.code, (json.loads(body) if body and body.startswith(b"{") else body)
-
-
-class InProcess(SynchronousTestCase):
-    def daemon(self, **limits: Any) -> harness.Daemon:
-        self.base = os.path.abspath(self.mktemp())
-        os.makedirs(self.base)
-        values: dict[str, Any] = {"spares": 0, "keepalive": 0, "idle_timeout": 0, "run_timeout": 0}
-        values.update(limits)
-        d = harness.Daemon(self.base, Limits(**values))
-        self.addCleanup(d.close)
-        return d
+class InProcess(harness.DaemonTestCase):
+    """The daemon in process (tests/harness.py)."""
 
 
 class SessionsApi(InProcess):
@@ -120,11 +107,19 @@ class Delete(TestCase):
 
     @inlineCallbacks
     def test_delete(self) -> Any:
+        """DELETE of a session, through a real twistd: refused while a turn runs, then the session's CLI, its
+        tools, rows, workspace, event log and (on request) transcripts are gone (each check's own docstring
+        says exactly what it proves)."""
+        config = os.path.abspath(self.mktemp())
+        daemon = yield Daemon(self, env={"CLAUDE_CONFIG_DIR": config}).start()
+        yield self.delete_removes_everything(daemon.since(), config)
+        yield self.disconnect_then_delete_leaves_no_process(daemon.since())
+
+    @inlineCallbacks
+    def delete_removes_everything(self, daemon: Since, config: str) -> Any:
         """DELETE is refused with 409 while a turn runs; afterwards it stops the session's warm CLI and removes
         every row of the workspace, the workspace and the session's event log, and with purge_transcript=true
         only the CLI transcripts of those ids."""
-        config = os.path.abspath(self.mktemp())
-        daemon = yield Daemon(self, env={"CLAUDE_CONFIG_DIR": config}).start()
         first = yield post(daemon.url + "/api/claude", {"prompt": "hi"})
         sid = first.session_id
         other = yield post(daemon.url + "/api/claude", {"prompt": "hi"})
@@ -160,6 +155,25 @@ class Delete(TestCase):
         self.assertTrue(pid_alive(pids[other_sid]))
         code, _ = yield get_json(f"{daemon.url}/api/sessions/{sid}")
         self.assertEqual(code, 404)
+
+    @inlineCallbacks
+    def disconnect_then_delete_leaves_no_process(self, daemon: Since) -> Any:
+        """A client that drops a hung turn interrupts it (the CLI stays warm); deleting the session then
+        ends the CLI and the tool process it left in a session of its own."""
+        first = yield post(daemon.url + "/api/claude", {"prompt": "start"})
+        sid = first.header("X-Session-Id")
+        client = yield raw_post(daemon.port, {"prompt": "[[fake hang=1 grandchild=1]]", "session_id": sid})
+        yield client.got_data
+        yield wait_for(lambda: len(daemon.grandchildren()) == 1)
+        client.transport.abortConnection()
+        pid = daemon.turns()[0]["pid"]
+        yield wait_for(lambda: daemon.interrupts() == [pid])
+        yield wait_for(lambda: f"session {sid}: disconnected" in daemon.log)
+        self.assertTrue(pid_alive(pid))
+        deleted = yield treq.delete(f"{daemon.url}/api/sessions/{sid}", persistent=False)
+        self.assertEqual(deleted.code, 204)
+        yield wait_for(lambda: not pid_alive(pid))
+        yield wait_for(lambda: not any(pid_alive(g) for g in daemon.grandchildren()))
 
 
 class HealthAndMetrics(TestCase):
@@ -200,15 +214,6 @@ class HealthAndMetrics(TestCase):
                                   (("route", "/api/claude"), ("status", "200")))], 2)
         self.assertEqual(samples[("claudesrv_relayed_lines_total", ())], 3)
         self.assertGreater(samples[("claudesrv_relayed_bytes_total", ())], 0)
-
-    @inlineCallbacks
-    def test_not_ready_without_cli(self) -> Any:
-        """/readyz is 503 and names the failing check when the CLI is missing."""
-        daemon = yield Daemon(self, claude="no-such-claude").start()
-        code, ready = yield get_json(daemon.url + "/readyz")
-        self.assertEqual(code, 503)
-        self.assertFalse(ready["checks"]["cli"]["ok"])
-        self.assertTrue(ready["checks"]["database"]["ok"])
 
 
 class Logs(TestCase):

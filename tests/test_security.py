@@ -18,12 +18,14 @@ import treq
 from twisted.internet import reactor, ssl, utils
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseNeverReceived
 
+from claudesrv.tap import Options
 from tests import harness
+from tests.rawhttp import RawClient
 from tests.support import TWISTD, Daemon, SSEParser, post, wait_for
-from tests.test_lifecycle import RawClient
 
 UUID = "6a1c5e0e-3b8c-4a57-9d7e-6ad0a39b8c11"
 TOKEN = "s3cret-token-value"
@@ -189,26 +191,77 @@ class ListeningPolicy(TestCase):
     @inlineCallbacks
     def test_refuses_open_listener_without_token(self) -> Any:
         """A listener beyond loopback (wildcard, external, TLS, unix) without a token stops the daemon
-        at start with a message that names the options to use."""
-        listens = ("tcp:0", "tcp:0:interface=0.0.0.0", "unix:/tmp/claudesrv-test.sock",
-                   "ssl:0:privateKey=k.pem:certKey=c.pem:interface=127.0.0.1")
-        runs = yield gatherResults([self.run_twistd("--listen", listen) for listen in listens])
-        for listen, (text, code) in zip(listens, runs, strict=True):
-            self.assertNotEqual(code, 0, listen)
-            self.assertIn("--auth-token-file", text, listen)
-            self.assertIn("--insecure-no-auth", text, listen)
+        at start with a message that names the options to use: twistd exits at once, non-zero (shown once,
+        for a wildcard listener), because the options of ``twistd claudesrv`` refuse each of them."""
+        text, code = yield self.run_twistd("--listen", "tcp:0")
+        self.assertNotEqual(code, 0)
+        self.assertIn("--auth-token-file", text)
+        self.assertIn("--insecure-no-auth", text)
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "CLAUDESRV_AUTH_TOKENS"})
+        for listen in ("tcp:0", "tcp:0:interface=0.0.0.0", "unix:/tmp/claudesrv-test.sock",
+                       "ssl:0:privateKey=k.pem:certKey=c.pem:interface=127.0.0.1"):
+            with self.assertRaises(usage.UsageError) as refused:
+                Options().parseOptions(["--data-dir", self.mktemp(), "--listen", listen])
+            self.assertIn("--auth-token-file", str(refused.exception), listen)
+            self.assertIn("--insecure-no-auth", str(refused.exception), listen)
 
     @inlineCallbacks
     def test_open_listener_with_token_or_on_purpose(self) -> Any:
-        """With a token, or with --insecure-no-auth, the daemon listens on all interfaces."""
+        """Two daemons listening beyond loopback, one with a token (on all interfaces and on TLS), one with
+        --insecure-no-auth: both start and serve; the one with a token serves TLS and throttles repeated
+        failures (each check's own docstring says exactly what it proves)."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        ca_pem, key_path, cert_path = make_tls_files(directory)
         with_token, on_purpose = yield gatherResults([
-            Daemon(self, listen="tcp:0", env={"CLAUDESRV_AUTH_TOKENS": TOKEN}).start(),
+            Daemon(self, "--listen", f"ssl:0:privateKey={key_path}:certKey={cert_path}:interface=127.0.0.1",
+                   listen="tcp:0", env={"CLAUDESRV_AUTH_TOKENS": TOKEN}).start(),
             Daemon(self, "--insecure-no-auth", listen="tcp:0").start()])
+        yield self.open_listener_with_token_or_on_purpose(with_token, on_purpose)
+        yield self.tls_listener(with_token, ca_pem)
+        yield self.repeated_failures_throttled(with_token)
+
+    @inlineCallbacks
+    def open_listener_with_token_or_on_purpose(self, with_token: Daemon, on_purpose: Daemon) -> Any:
+        """With a token, or with --insecure-no-auth, the daemon listens on all interfaces."""
         reply = yield post(with_token.url + "/api/claude", {"prompt": "hi"}, headers=AUTH)
         self.assertEqual(reply.status, 200)
         reply = yield post(on_purpose.url + "/api/claude", {"prompt": "hi"})
         self.assertEqual(reply.status, 200)
         self.assertNotIn("--auth-token-file", on_purpose.log)
+
+    @inlineCallbacks
+    def tls_listener(self, daemon: Daemon, ca_pem: bytes) -> Any:
+        """--listen ssl:... serves the API over TLS; a client that trusts our CA verifies the hostname."""
+        [port] = [port for port, tls in daemon.proto.ports if tls]
+        policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(ca_pem))
+        client = treq.client.HTTPClient(Agent(reactor, contextFactory=policy))
+        auth: dict[bytes | str, bytes | str] = {"Authorization": f"Bearer {TOKEN}"}
+        response = yield client.post(f"https://localhost:{port}/api/claude", json={"prompt": "hi"},
+                                     headers=auth)
+        self.assertEqual(response.code, 200)
+        sse = SSEParser()
+        sse.feed((yield response.content()))
+        self.assertEqual(len(sse.results()), 1)
+        untrusting = treq.client.HTTPClient(Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS()))
+        outcome = yield untrusting.get(f"https://localhost:{port}/healthz").addCallbacks(
+            lambda _: [], lambda f: [f])
+        self.assertEqual(len(outcome), 1, "a client that does not trust our CA must refuse the certificate")
+        self.assertTrue(outcome[0].check(ResponseNeverReceived))
+
+    @inlineCallbacks
+    def repeated_failures_throttled(self, daemon: Daemon) -> Any:
+        """After 10 failed authentications in a minute from one address, its further failures get 429,
+        while a valid token still works."""
+        for _ in range(10):
+            reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Authorization": "Bearer x"})
+            self.assertEqual(reply.status, 401)
+        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Authorization": "Bearer y"})
+        self.assertEqual(reply.status, 429)
+        self.assertEqual(reply.json()["error"]["code"], "too_many_auth_failures")
+        self.assertEqual(reply.header("Retry-After"), "60")
+        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers=AUTH)
+        self.assertEqual(reply.status, 200)
 
 
 class Tokens(TestCase):
@@ -236,21 +289,6 @@ class Tokens(TestCase):
         self.assertEqual(new.status, 200)
         self.assertNotIn("first-token", daemon.log)
         self.assertNotIn("second-token", daemon.log)
-
-    @inlineCallbacks
-    def test_repeated_failures_throttled(self) -> Any:
-        """After 10 failed authentications in a minute from one address, its further failures get 429,
-        while a valid token still works."""
-        daemon = yield Daemon(self, env={"CLAUDESRV_AUTH_TOKENS": TOKEN}).start()
-        for _ in range(10):
-            reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Authorization": "Bearer x"})
-            self.assertEqual(reply.status, 401)
-        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers={"Authorization": "Bearer y"})
-        self.assertEqual(reply.status, 429)
-        self.assertEqual(reply.json()["error"]["code"], "too_many_auth_failures")
-        self.assertEqual(reply.header("Retry-After"), "60")
-        reply = yield post(daemon.url + "/api/claude", {"prompt": "hi"}, headers=AUTH)
-        self.assertEqual(reply.status, 200)
 
 
 class SlowClients(TestCase):
@@ -395,30 +433,3 @@ def make_tls_files(directory: str) -> tuple[bytes, str, str]:
     with open(cert_path, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     return ca.public_bytes(serialization.Encoding.PEM), key_path, cert_path
-
-
-class TLS(TestCase):
-    timeout = 60
-
-    @inlineCallbacks
-    def test_tls_listener(self) -> Any:
-        """--listen ssl:... serves the API over TLS; a client that trusts our CA verifies the hostname."""
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        ca_pem, key_path, cert_path = make_tls_files(directory)
-        daemon = yield Daemon(self, listen=f"ssl:0:privateKey={key_path}:certKey={cert_path}:interface=127.0.0.1",
-                              env={"CLAUDESRV_AUTH_TOKENS": TOKEN}).start()
-        policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(ca_pem))
-        client = treq.client.HTTPClient(Agent(reactor, contextFactory=policy))
-        auth: dict[bytes | str, bytes | str] = {"Authorization": f"Bearer {TOKEN}"}
-        response = yield client.post(f"https://localhost:{daemon.port}/api/claude", json={"prompt": "hi"},
-                                     headers=auth)
-        self.assertEqual(response.code, 200)
-        sse = SSEParser()
-        sse.feed((yield response.content()))
-        self.assertEqual(len(sse.results()), 1)
-        untrusting = treq.client.HTTPClient(Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS()))
-        outcome = yield untrusting.get(f"https://localhost:{daemon.port}/healthz").addCallbacks(
-            lambda _: [], lambda f: [f])
-        self.assertEqual(len(outcome), 1, "a client that does not trust our CA must refuse the certificate")
-        self.assertTrue(outcome[0].check(ResponseNeverReceived))
