@@ -2,9 +2,9 @@
 The CLI as a child process in SDK streaming mode: JSON lines in both directions, stdout cut into whole
 lines, stderr kept, signals to its whole tree.
 
-Nothing here knows about HTTP or sessions. Lines go to a L{LineSink} in blocks: every complete line that one read
-brought, in one call, so the relay costs a few C-level operations per read rather than Python work per
-line. A line longer than C{max_line} is not held whole in memory: it is passed on in pieces as it
+Nothing here knows about HTTP or sessions. Lines go to a L{LineSink} as the list of every complete line
+that one read brought, in one call, so the relay costs a few C-level operations per read rather than
+Python work per line. A line longer than C{max_line} is not held whole in memory: it is passed on in pieces as it
 arrives, so a 64 MiB line costs the server no more memory than a short one.
 """
 

@@ -50,8 +50,9 @@ class Sessions:
     @inlineCallbacks
     def delete(self, group: SessionGroup, purge_transcript: bool = False) -> Any:
         """
-        Rows first (so the session is gone for every client at once), then the files. Its ids count as
-        busy meanwhile, so no turn can start in a workspace that is being removed.
+        Its live process first (put to sleep and awaited), then the rows (so the session is gone for every
+        client at once), then its event log (its followers get a ``deleted`` event) and its files. Its ids
+        count as busy meanwhile, so no turn can start in a workspace that is being removed.
         """
         ids = set(group.session_ids) - self.registry.deleting
         self.registry.deleting |= ids

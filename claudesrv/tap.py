@@ -62,7 +62,7 @@ class Options(usage.Options):
                 "<data-dir>/Workspace/.")
 
     optParameters = [
-        ["data-dir", None, ".", "Folder that holds sessions.db and Workspace/."],
+        ["data-dir", None, ".", "Folder that holds sessions.db, Workspace/ and events/."],
         ["claude", None, "claude", "The Claude CLI: a name looked up on PATH, or a path."],
         ["max-runs", None, 4, "Most turns running at once.", _positive],
         ["max-queue", None, 32, "Most turns waiting for a run slot or a process; beyond that 503.", int],
