@@ -57,9 +57,9 @@ def _positive(value: str) -> int:
 
 class Options(usage.Options):
     synopsis = "[options]"
-    longdesc = ("Serve the Claude Code CLI over HTTP: POST /api/claude streams a session as "
-                "Server-Sent Events. Sessions are kept in <data-dir>/sessions.db, workspaces in "
-                "<data-dir>/Workspace/.")
+    longdesc = ("Serve the Claude Code CLI over HTTP: POST /api/claude streams a session's turn as "
+                "Server-Sent Events, from one warm CLI process per session. Sessions are kept in "
+                "<data-dir>/sessions.db, workspaces in <data-dir>/Workspace/, event logs in <data-dir>/events/.")
 
     optParameters = [
         ["data-dir", None, ".", "Folder that holds sessions.db, Workspace/ and events/."],
