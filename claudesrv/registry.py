@@ -191,10 +191,13 @@ class SessionRegistry:
         """Queue an admitted turn and start what can start; a turn that must wait says so in its log."""
         if turn.state != "queued":
             return
+        session = self.sessions[turn.session_id]
         self.queue.append(turn)
         self._dispatch()
-        if turn.state == "queued" and turn in self.queue:
-            self.sessions[turn.session_id].log.append_event(
+        if turn.state == "queued" and turn in self.queue and not (self.queue[0] is turn and session.state == STOPPING):
+            # (a turn first in line that only waits for its own session's process to finish exiting is not
+            # told: that takes milliseconds)
+            session.log.append_event(
                 {"type": "claudesrv", "subtype": "queued", "position": self.queue.index(turn) + 1})
 
     def abandon(self, turn: Turn) -> None:
