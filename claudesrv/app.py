@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from twisted.internet.defer import CancelledError, Deferred, FirstError, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, FirstError, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -173,12 +173,16 @@ class ClaudeAPI:
         workspace = self.live.sessions[turn.session_id].workspace
         # a plain Deferred in front: Klein's cancel (the client left) must reach the stream chained to it
         d: Deferred[Any] = Deferred()
-        gatherResults([turn.prepared, self.store.record(turn.session_id, workspace)],
-                      consumeErrors=True).chainDeferred(d)
+        made = [turn.prepared, self.store.record(turn.session_id, workspace)]
+        gatherResults(made, consumeErrors=True).chainDeferred(d)
+
+        def give_up(_: object) -> None:
+            self.live.abandon(turn)
+            self.store.delete_workspace(workspace).addErrback(lambda f: None)  # the row may have been written
 
         def not_recorded(failure: Failure) -> None:
-            self.live.abandon(turn)
-            self.store.delete_workspace(workspace).addErrback(lambda f: None)  # the row may be written
+            # once the folders and the row are done (or failed) they are undone, in that order
+            DeferredList(made, consumeErrors=True).addCallback(give_up)
             if failure.check(FirstError):
                 failure = failure.value.subFailure
             if failure.check(CancelledError):  # the client left meanwhile

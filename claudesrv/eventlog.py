@@ -149,6 +149,8 @@ class EventLog:
             self._open_segment()
 
     def _open_segment(self) -> None:
+        if self.closed:  # destroyed meanwhile (a new session given up while its folders were being made)
+            return
         self._segment_due = False
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         path = os.path.join(self.directory, f"{self.next_seq:012d}{SUFFIX}")

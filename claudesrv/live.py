@@ -380,7 +380,10 @@ class LiveSession:
                                "tool_use_id": request.get("tool_use_id"), "message": text})
 
     def cli_exited(self) -> None:
-        """The CLI is gone: kill what it left (its group, and tools in sessions of their own)."""
+        """The CLI is gone: kill what it left (its group, and tools in sessions of their own). No turn may be
+        written to it from now on, though its last output may still be on the way."""
+        if self.state in (STARTING, IDLE, RUNNING):
+            self._move("stop")
         if self.process is not None:
             self.process.signal_group(signal.SIGKILL)
         self._sweep()
@@ -427,8 +430,9 @@ class LiveSession:
         """The result event the CLI did not write, in the CLI's own shape; it ends the turn."""
         payload: dict[str, Any] = {
             "type": "result", "subtype": "error_during_execution", "is_error": True,
-            # a session removed because it never came to be is not named: nobody should try to resume it
-            "session_id": None if self.forgotten else self.session_id, "terminal_reason": reason, "errors": [message],
+            # a session that never came to be (and is removed) is not named: nobody should try to resume it
+            "session_id": None if self.never_came_to_be(turn) else self.session_id,
+            "terminal_reason": reason, "errors": [message],
             "exit_code": None, "signal": None, "stderr": "",
         }
         if turn.timeout_kind:
@@ -443,6 +447,10 @@ class LiveSession:
             self.turn = turn
         self.log.append(event_line(payload))
         self._end_turn()
+
+    def never_came_to_be(self, turn: Turn) -> bool:
+        """A new session whose first turn ends with no CLI having said anything: it is removed."""
+        return self.forgotten or (turn.new_session and not turn.output_seen and self.process is None)
 
     def _gone(self, unexpected: bool) -> None:
         self.timers.cancel()

@@ -139,6 +139,7 @@ class CliProcess(ProcessProtocol):
         self.pending: dict[str, Deferred[dict[str, Any]]] = {}
         self._queued: list[bytes] = []
         self._requests = 0
+        self._control_pieces: list[bytes] | None = None
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -194,7 +195,17 @@ class CliProcess(ProcessProtocol):
             self.owner.cli_lines(events)
 
     def line_piece(self, piece: bytes, first: bool, last: bool) -> None:
-        self.owner.cli_piece(piece, first, last)
+        """A long line: an event goes on in pieces; a control frame (a large can_use_tool) is gathered."""
+        if first and piece.startswith(CONTROL):
+            self._control_pieces = [piece]
+        elif self._control_pieces is not None:
+            self._control_pieces.append(piece)
+        else:
+            self.owner.cli_piece(piece, first, last)
+            return
+        if last:
+            line, self._control_pieces = b"".join(self._control_pieces), None
+            self._control(line)
 
     def _control(self, line: bytes) -> None:
         try:

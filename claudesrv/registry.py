@@ -159,7 +159,6 @@ class SessionRegistry:
         if len(self.turns) >= self.limits.max_runs + self.limits.max_queue:
             raise QueueFull("all run slots and queue places are taken")
         kind = "cold"
-        prepared: Deferred[None] = succeed(None)
         if sid is None:
             session = self._take_spare(request.options)
             if session is not None:
@@ -168,7 +167,6 @@ class SessionRegistry:
                 new_id = str(uuid.uuid4())
                 session = LiveSession(self, new_id, self.workspaces.path_for(new_id), self.log_for(new_id))
                 session.known_to_cli = False
-                prepared = self.blocking(self._prepare, session)
             self.logs[session.session_id] = session.log
             self.sessions[session.session_id] = session
         else:
@@ -178,7 +176,8 @@ class SessionRegistry:
         turn = Turn(request, session.session_id, sid is None, self.clock.seconds())
         turn.kind = kind
         turn.start_offset = session.log.begin_turn()
-        turn.prepared = prepared
+        if sid is None and kind == "cold":  # the thread is the only one to touch the new log until it is done
+            turn.prepared = self.blocking(self._prepare, session)
         self.turns[session.session_id] = turn
         return turn
 
@@ -192,6 +191,9 @@ class SessionRegistry:
         if turn.state != "queued":
             return
         session = self.sessions[turn.session_id]
+        if not self.accepting:  # shutdown began while its row was being written
+            session.write_error_result(turn, "the server is shutting down", "server_shutdown")
+            return
         self.queue.append(turn)
         self._dispatch()
         if turn.state == "queued" and turn in self.queue and not (self.queue[0] is turn and session.state == STOPPING):
@@ -307,6 +309,7 @@ class SessionRegistry:
                 spare.spawn(self._spare_options())
             except Exception as e:
                 log.error("could not start a spare CLI: {error}", error=str(e))
+                spare.log.destroy()
                 self.workspaces.remove_if_empty(workspace)
                 self._spare_retry_at = self.clock.seconds() + SPARE_RETRY
                 return
@@ -366,7 +369,7 @@ class SessionRegistry:
             _bump(c.exit_codes, str(turn.exit_code) if turn.exit_code is not None else f"signal {turn.signal}")
         c.lines_logged += turn.lines
         if session.process is None and self.sessions.get(turn.session_id) is session:
-            if turn.new_session and not turn.output_seen:  # a new session that never reached a CLI
+            if session.never_came_to_be(turn):
                 self.forget_new_session(session).addBoth(lambda _: self._discard(session))
             else:
                 del self.sessions[turn.session_id]

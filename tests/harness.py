@@ -248,6 +248,29 @@ class FakeWorld:
         return [c for c in self.clis if c.session_id == session_id]
 
 
+class HeldSqlite(InlineSqlite):
+    """The database as slow as a test wants: while C{held}, interactions wait, in order, for L{release}."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.held = False
+        self.waiting: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def run(self, interaction: Any, *args: Any) -> Deferred[Any]:
+        if not self.held:
+            return super().run(interaction, *args)
+        d: Deferred[Any] = Deferred()
+        self.waiting.append((d, interaction, args))
+        return d
+
+    def release(self) -> None:
+        """Run what waits, in order, like a pool of one connection: work asked for meanwhile queues behind."""
+        while self.waiting:
+            d, interaction, args = self.waiting.pop(0)
+            super().run(interaction, *args).chainDeferred(d)
+        self.held = False
+
+
 class Daemon:
     """The whole daemon in process."""
 
@@ -258,7 +281,7 @@ class Daemon:
         self.clock.advance(1_800_000_000)  # a plausible date for the timestamps
         self.world = world or FakeWorld()
         self.limits = limits or Limits(spares=0, keepalive=0, idle_timeout=0, run_timeout=0)
-        self.db = InlineSqlite(os.path.join(base, "sessions.db"))
+        self.db = HeldSqlite(os.path.join(base, "sessions.db"))
         self.store = SessionStore(self.db, self.clock)
         self.store.start()
         self.workspaces = Workspaces(os.path.join(base, "Workspace"))
@@ -293,7 +316,7 @@ class Daemon:
         before = set(pumps)
         d = send()
         stream.pump = next(iter(set(pumps) - before))
-        d.addCallback(stream.response)
+        d.addCallbacks(stream.response, stream.never_answered)
         self.pump()
         return stream
 
@@ -338,6 +361,11 @@ class Stream:
 
     def _ended(self, result: Any) -> None:
         self.done = True
+
+    def never_answered(self, failure: Any) -> None:
+        """The connection went before the response began (a client that left early)."""
+        self.done = True
+        self.failure = failure
 
     def header(self, name: str) -> str | None:
         values = self.headers.getRawHeaders(name) if self.headers is not None else None

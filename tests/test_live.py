@@ -11,6 +11,7 @@ from typing import Any
 
 from claudesrv.live import COLD, IDLE, Limits
 from tests.harness import Daemon, DaemonTestCase, FakeWorld
+from tests.harness import recording as harness_recording
 
 JSON = {"Content-Type": "application/json"}
 
@@ -353,6 +354,77 @@ class Stopping(LiveTestCase):
             self.assertTrue(stream.done)
             self.assertEqual([e["terminal_reason"] for e in stream.events() if e["type"] == "result"],
                              ["server_shutdown"])
+
+
+class Races(LiveTestCase):
+    """What arrives in an unusual order, or in unusual sizes."""
+
+    def test_large_permission_request_is_answered_not_relayed(self) -> None:
+        """A can_use_tool request longer than the in-memory line limit (a large Write) is still answered, and
+        is no event: control frames never reach clients, however they arrive."""
+        d = self.daemon(max_line=300)
+        d.world.hold_turns = True
+        stream = d.post({"prompt": "a"})
+        [cli] = d.world.clis
+        line = next(text for direction, text in harness_recording("s02a_cut_allow_updated_input")
+                    if direction == "out" and '"subtype":"can_use_tool"' in text).encode() + b"\n"
+        for at in range(0, len(line), 256):
+            cli.protocol.outReceived(line[at:at + 256])
+        [answer] = cli.answers
+        self.assertEqual(answer["response"]["behavior"], "deny")
+        cli.end_turn()
+        self.assertEqual(stream.types(), ["init", "permission_denied", "assistant", "result"])
+
+    def test_client_leaving_during_the_row_commit_leaves_nothing(self) -> None:
+        """A new session whose client leaves while its row waits behind another session's write leaves no
+        row, workspace or log once the writes are done (its removal is not overtaken by its own insert)."""
+        d = self.daemon()
+        d.db.held = True
+        first = d.post({"prompt": "a"})
+        gone = d.post({"prompt": "b"})
+        gone.disconnect()
+        d.db.release()
+        d.pump()
+        self.assertEqual([row[0] for row in self.rows()], [first.session_id])
+        self.assertEqual(os.listdir(os.path.join(self.base, "Workspace")), [f"session-{first.session_id}"])
+        self.assertEqual(os.listdir(os.path.join(self.base, "events")), [first.session_id])
+        self.assertEqual(list(d.registry.turns), [])
+
+    def test_shutdown_while_a_row_is_written(self) -> None:
+        """A turn whose row is still being written when shutdown begins still ends with one result."""
+        d = self.daemon()
+        d.db.held = True
+        stream = d.post({"prompt": "a"})
+        done = d.registry.shutdown()
+        d.db.release()
+        d.pump()
+        self.successResultOf(done)
+        self.assertTrue(stream.done)
+        self.assertEqual([e["terminal_reason"] for e in stream.events() if e["type"] == "result"],
+                         ["server_shutdown"])
+
+    def test_result_of_a_session_that_never_came_to_be_names_none(self) -> None:
+        """A new session cancelled before any CLI saw it is removed, and its one result names no session."""
+        d = self.daemon(max_runs=1)
+        d.world.hold_turns = True
+        d.post({"prompt": "a"})
+        waiting = d.post({"prompt": "b"})
+        self.assertEqual(d.call("POST", f"/api/sessions/{waiting.session_id}/cancel", headers=JSON)[0], 202)
+        self.assertIsNone(waiting.events()[-1]["session_id"])
+        self.assertEqual(d.call("GET", f"/api/sessions/{waiting.session_id}")[0], 404)
+
+    def test_failed_spare_spawns_leave_nothing(self) -> None:
+        """A spare that cannot be started leaves no workspace and no event log behind."""
+        world = FakeWorld()
+        world.fail_spawn = FileNotFoundError(2, "No such file or directory")
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        d = Daemon(base, limits(spares=1), world)
+        self.addCleanup(d.close)
+        d.clock.advance(31)
+        self.assertEqual(os.listdir(os.path.join(base, "Workspace")), [])
+        self.assertEqual(os.listdir(os.path.join(base, "events")) if os.path.isdir(os.path.join(base, "events"))
+                         else [], [])
 
 
 class Reattach(LiveTestCase):
