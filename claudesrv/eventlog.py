@@ -66,7 +66,6 @@ class EventLog:
         self.next_seq = 1
         self.end = 0
         self.followers: list[Follower] = []
-        self.appended = 0  # bytes written by this object, for the metrics
         self.closed = False
         self._fd = -1
         self._segment_due = False
@@ -210,7 +209,6 @@ class EventLog:
             view = view[os.write(self._fd, view):]
         self.segments[-1].size += len(data)
         self.end += len(data)
-        self.appended += len(data)
         if self.end - self.start > self.max_bytes:
             self._trim()
         for follower in list(self.followers):

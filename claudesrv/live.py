@@ -121,7 +121,7 @@ class Turn:
         self.output_seen = False
         self.began = False
         self.lines = 0
-        self.accepted_at = self.started_at = self.last_stdout = now
+        self.accepted_at = self.last_stdout = now
 
 
 class LiveSession:
@@ -197,29 +197,25 @@ class LiveSession:
         self._stop_process()
 
     def _stop_process(self) -> None:
+        """Close stdin; if the CLI does not exit, SIGTERM after the grace and SIGKILL after that (a ladder
+        already under way, that of an interrupted turn, goes on as it is)."""
         assert self.process is not None
-        self._move("stop")
+        if self.state != STOPPING:
+            self._move("stop")
         self._stopping_on_purpose = True
         self.timers.cancel("warm_idle")
-        grace = self.host.limits.kill_grace
-        self.timers.set("sigterm", grace, lambda: self._signal(signal.SIGTERM))
-        self.timers.set("sigkill", grace + TERM_GRACE, self._kill)
+        if not self.timers.active("sigkill"):
+            grace = self.host.limits.kill_grace
+            self.timers.set("sigterm", grace, lambda: self._signal(signal.SIGTERM))
+            self.timers.set("sigkill", grace + TERM_GRACE, self._kill)
         self.process.close_stdin()  # may end it at once
 
     def shutdown(self, reason: str = "server_shutdown") -> None:
         """The daemon stops (or the session is abandoned): interrupt the turn, close stdin, then the ladder."""
         if self.turn is not None:
             self.interrupt(reason)
-        if self.process is None or self.state == COLD:
-            return
-        if self.state != STOPPING:
-            self._move("stop")
-        self._stopping_on_purpose = True
-        if not self.timers.active("sigkill"):
-            grace = self.host.limits.kill_grace
-            self.timers.set("sigterm", grace, lambda: self._signal(signal.SIGTERM))
-            self.timers.set("sigkill", grace + TERM_GRACE, self._kill)
-        self.process.close_stdin()  # may end it at once
+        if self.process is not None and self.state != COLD:
+            self._stop_process()
 
     def _signal(self, signal_number: int) -> None:
         if self.process is not None:
@@ -245,7 +241,7 @@ class LiveSession:
         self.turn = turn
         turn.state = "running"
         turn.began = True
-        turn.started_at = turn.last_stdout = self.clock.seconds()
+        turn.last_stdout = self.clock.seconds()
         self.process.send(command.user_message(turn.request.prompt))
         limits = self.host.limits
         self.timers.set_if("run_timeout", limits.run_timeout, lambda: self.interrupt("timeout", "run"))
@@ -299,7 +295,7 @@ class LiveSession:
 
     # ---------------------------------------------------------------- what the CLI says (CliOwner)
 
-    def cli_lines(self, lines: list[bytes]) -> None:
+    def cli_lines(self, lines: list[bytes], joined: bytes) -> None:
         turn = self.turn
         if turn is None:
             self.log.append_lines(lines)
@@ -308,7 +304,7 @@ class LiveSession:
         if not turn.output_seen:
             turn.output_seen = True
             self.host.turn_output(self, turn)
-        if RESULT_MARK not in b"\n".join(lines):  # one C-level scan, not a Python loop over the lines
+        if RESULT_MARK not in joined:  # one C-level scan, not a Python loop over the lines
             turn.lines += len(lines)
             self.log.append_lines(lines)
             return
@@ -322,7 +318,8 @@ class LiveSession:
             self.log.append(self._rewrite(turn, line, result))
             self._end_turn()
             if i + 1 < len(lines):
-                self.cli_lines(lines[i + 1:])
+                rest = lines[i + 1:]
+                self.cli_lines(rest, b"\n".join(rest))
             return
         turn.lines += len(lines)
         self.log.append_lines(lines)

@@ -60,8 +60,6 @@ class RegistryCollector:
                                 value=len(r.queue))
         yield GaugeMetricFamily("claudesrv_event_log_bytes", "Bytes in the event logs of the sessions in use.",
                                 value=r.log_bytes())
-        yield CounterMetricFamily("claudesrv_event_log_appended_bytes", "Bytes appended to event logs.",
-                                  value=sum(log.appended for log in r.logs.values()) + c.log_bytes_released)
         yield CounterMetricFamily("claudesrv_relayed_bytes", "SSE bytes written to clients.", value=c.bytes_relayed)
         yield CounterMetricFamily("claudesrv_relayed_lines", "CLI lines logged as events.", value=c.lines_logged)
 

@@ -102,8 +102,9 @@ class LineSplitter:
 class CliOwner(Protocol):
     """Who hears from a CLI process: its events, its control messages, its end."""
 
-    def cli_lines(self, lines: list[bytes]) -> None:
-        """Complete event lines (control protocol frames taken out), without their newlines."""
+    def cli_lines(self, lines: list[bytes], joined: bytes) -> None:
+        """Complete event lines (control protocol frames taken out), without their newlines; C{joined} is
+        them joined by newlines, made once per read for the scans of both sides."""
 
     def cli_piece(self, piece: bytes, first: bool, last: bool) -> None:
         """A piece of one event line too long to hold; C{last} once its newline has been seen."""
@@ -180,19 +181,21 @@ class CliProcess(ProcessProtocol):
     def lines_received(self, lines: list[bytes]) -> None:
         joined = b"\n".join(lines)  # one C-level scan of a copy is cheaper than a Python loop over the lines
         if CONTROL[0] not in joined and CONTROL[1] not in joined:
-            self.owner.cli_lines(lines)
+            self.owner.cli_lines(lines, joined)
             return
         events: list[bytes] = []
         for line in lines:
             if line.startswith(CONTROL):
-                if events:
-                    self.owner.cli_lines(events)
-                    events = []
+                self._events(events)
+                events = []
                 self._control(line)
             else:
                 events.append(line)
-        if events:
-            self.owner.cli_lines(events)
+        self._events(events)
+
+    def _events(self, lines: list[bytes]) -> None:
+        if lines:
+            self.owner.cli_lines(lines, b"\n".join(lines))
 
     def line_piece(self, piece: bytes, first: bool, last: bool) -> None:
         """A long line: an event goes on in pieces; a control frame (a large can_use_tool) is gathered."""

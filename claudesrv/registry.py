@@ -21,8 +21,8 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
+from claudesrv.batches import Batches
 from claudesrv.command import ClaudeRequest, SpawnOptions, build_argv, build_env
 from claudesrv.eventlog import EventLog
 from claudesrv.live import COLD, IDLE, RUNNING, STARTING, STOPPING, Limits, LiveSession, Turn
@@ -55,7 +55,6 @@ class Counters:
     spawns: int = 0
     bytes_relayed: int = 0
     lines_logged: int = 0
-    log_bytes_released: int = 0  # appended to logs no longer held in memory
 
 
 def _bump(counts: dict[str, int], key: str) -> None:
@@ -95,8 +94,10 @@ class SessionRegistry:
         self._dispatching = False
         self._dispatch_again = False
         self._all_gone: list[Deferred[None]] = []
-        self._sweep_pending: list[tuple[bytes, Deferred[None]]] = []
-        self._sweeping = False
+        self._sweeps: Batches[bytes] = Batches(self._kill_logged)
+
+    def _kill_logged(self, markers: list[bytes]) -> Deferred[object]:
+        return self.kill(markers).addErrback(lambda f: log.failure("process sweep failed", f))
 
     def open(self) -> None:
         """The daemon is up: start the spares."""
@@ -117,7 +118,6 @@ class SessionRegistry:
         if log_ is not None and not log_.followers and session_id not in self.sessions:
             log_.close("released")
             del self.logs[session_id]
-            self.counters.log_bytes_released += log_.appended
 
     def busy(self, *session_ids: str) -> bool:
         """Whether any of these ids has a turn, or is being deleted."""
@@ -306,7 +306,7 @@ class SessionRegistry:
                                 spare=True)
             spare.log.begin_turn(now=True)  # its folder and first segment now, not when a client waits
             try:
-                spare.spawn(self._spare_options())
+                spare.spawn(SpawnOptions())  # a new session that asks for nothing special
             except Exception as e:
                 log.error("could not start a spare CLI: {error}", error=str(e))
                 spare.log.destroy()
@@ -314,9 +314,6 @@ class SessionRegistry:
                 self._spare_retry_at = self.clock.seconds() + SPARE_RETRY
                 return
             self.spares.append(spare)
-
-    def _spare_options(self) -> SpawnOptions:
-        return SpawnOptions()
 
     # ------------------------------------------------------------------ the Host of each live session
 
@@ -335,26 +332,7 @@ class SessionRegistry:
         Kill whatever still carries C{marker} once a CLI has exited. A scan reads every process's
         environment, so processes that end while a scan is under way share the next.
         """
-        d: Deferred[None] = Deferred()
-        self._sweep_pending.append((marker, d))
-        if not self._sweeping:
-            self._sweep_next()
-        return d
-
-    def _sweep_next(self) -> None:
-        batch, self._sweep_pending = self._sweep_pending, []
-        self._sweeping = bool(batch)
-        if not batch:
-            return
-
-        def fire(result: object) -> None:
-            if isinstance(result, Failure):
-                log.failure("process sweep failed", result)
-            for _, d in batch:
-                d.callback(None)
-            self._sweep_next()
-
-        self.kill([marker for marker, _ in batch]).addBoth(fire)
+        return self._sweeps.add(marker)
 
     def turn_ended(self, session: LiveSession, turn: Turn) -> None:
         if self.turns.get(turn.session_id) is turn:
@@ -496,7 +474,6 @@ class SessionRegistry:
         """The session is deleted: followers get a ``deleted`` event, the files go."""
         self.sessions.pop(session_id, None)
         log_ = self.logs.pop(session_id, None) or EventLog.open(os.path.join(self.events_dir, session_id), 0)
-        self.counters.log_bytes_released += log_.appended
         log_.destroy()
 
     def shutdown(self) -> Deferred[None]:

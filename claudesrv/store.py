@@ -19,7 +19,8 @@ from typing import Any, Protocol, TypeVar, cast
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
+
+from claudesrv.batches import Batches
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -134,8 +135,8 @@ class SessionStore:
     def __init__(self, db: Database, clock: IReactorTime) -> None:
         self.db = db
         self.clock = clock
-        self._records: list[tuple[tuple[str, str, str, str], Deferred[None]]] = []
-        self._recording = False
+        self._records: Batches[tuple[str, str, str, str]] = Batches(
+            lambda rows: self.db.run(_execute_many, RECORD, rows))
 
     def now(self) -> str:
         """The clock's time as SQLite's CURRENT_TIMESTAMP writes it (UTC, to the second)."""
@@ -162,28 +163,8 @@ class SessionStore:
         while one is being written are written together, in one transaction (a burst of new sessions costs
         a few commits, not one each).
         """
-        d: Deferred[None] = Deferred()
         now = self.now()
-        self._records.append(((session_id, workspace, now, now), d))
-        if not self._recording:
-            self._write_records()
-        return d
-
-    def _write_records(self) -> None:
-        batch, self._records = self._records, []
-        self._recording = bool(batch)
-        if not batch:
-            return
-
-        def written(result: object) -> None:
-            for _, d in batch:
-                if isinstance(result, Failure):
-                    d.errback(result)
-                else:
-                    d.callback(None)
-            self._write_records()
-
-        self.db.run(_execute_many, RECORD, [row for row, _ in batch]).addBoth(written)
+        return self._records.add((session_id, workspace, now, now))
 
     def lookup(self, session_id: str) -> Deferred[str | None]:
         """The stored workspace path of a session id, or None."""

@@ -7,11 +7,11 @@ Two modes, as the real CLI has them:
 
 * print mode (``-p``): one run, one turn (or one per stdin line with ``--input-format stream-json``). Its
   recordings are in ``tests/fixtures/claude-cli/`` (``NAME.jsonl``: the real CLI's stdout, ``NAME.json``: its
-  argv, exit code, stderr and timings; see ``/work/shared/docs/claude-cli.md``). Documented first, below.
+  argv, exit code, stderr and timings; see ``../shared/docs/claude-cli.md``). Documented first, below.
 * SDK streaming mode (no ``-p``, ``--input-format stream-json``): one long-lived process, many turns, JSON lines
   both ways over stdin/stdout, like the Agent SDK drives the CLI. Its recordings are in
   ``tests/fixtures/claude-cli-sdk/`` (``NAME.jsonl``: ``{"t", "dir": "in"|"out"|"err"|"event", "line"}``, the
-  whole conversation; ``NAME.json``: argv, exit code, notes; see ``/work/shared/docs/claude-cli-sdk.md``).
+  whole conversation; ``NAME.json``: argv, exit code, notes; see ``../shared/docs/claude-cli-sdk.md``).
   See "SDK streaming mode" at the end.
 
 Python 3.11 standard library only; start-up does nothing heavy before the first line.
