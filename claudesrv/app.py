@@ -21,6 +21,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from claudesrv import sse
+from claudesrv.approvals import parse_answer
 from claudesrv.command import ClaudeRequest, is_canonical_uuid, parse_request
 from claudesrv.errors import ApiError, error_body, json_body, session_busy, unknown_session
 from claudesrv.live import Turn
@@ -100,12 +101,13 @@ class ClaudeAPI:
     def __init__(self, live: SessionRegistry, store: SessionStore, workspaces: Workspaces,
                  cli: ClaudeExecutable, sessions: Sessions, readiness: Readiness, metrics: CollectorRegistry,
                  max_prompt: int = 1 << 20, skip_permissions: str = "allow", as_root: bool = False,
-                 sandboxed: bool = False) -> None:
+                 sandboxed: bool = False, approvals: str = "allow") -> None:
         self.live = live
         self.sessions = sessions
         self.readiness = readiness
         self.collectors = metrics
         self.skip_permissions = skip_permissions
+        self.approvals = approvals
         self.as_root = as_root
         self.sandboxed = sandboxed
         self.store = store
@@ -125,6 +127,9 @@ class ClaudeAPI:
         turn = parse_request(request.content.read(), self.max_prompt)
         if turn.options.skip_permissions:
             self._check_skip_permissions()
+        if turn.approvals and self.approvals == "deny":
+            raise ApiError(403, "approvals_denied", "this server does not ask people about tools (--approvals deny); "
+                                                    "pre-approve them with allowedTools", "approvals")
         if self.cli.find() is None:
             raise ApiError(503, "cli_not_found", f"the Claude CLI {self.cli.name!r} was not found: {INSTALL_HINT}")
         if turn.session_id is None:
@@ -280,6 +285,21 @@ class ClaudeAPI:
             raise ApiError(409, "not_running", "this session has no running turn")
 
         return self._group(session_id).addCallback(not_running)
+
+    @app.route("/api/sessions/<session_id>/permissions/<request_id>", methods=["POST"])
+    def answer_permission(self, request: IRequest, session_id: str, request_id: str) -> Any:
+        """A person's answer to a ``permission_request`` event: the tool may run (perhaps with other input), or not."""
+        assert request.content is not None
+        self.live.approvals.pending_of(session_id, request_id)  # 404 or 409 before the body is judged
+        d = self.live.approvals.answer(session_id, request_id, parse_answer(request.content.read()))
+
+        def failed(failure: Failure) -> Failure:
+            if not failure.check(ApiError):
+                log.failure("could not remember the tool of approval {request_id}", failure, request_id=request_id)
+                raise ApiError(500, "database_error", "the server could not record the answer; try again")
+            return failure
+
+        return d.addCallbacks(lambda resolution: json_body(request, 200, resolution), failed)
 
     @app.route("/api/sessions", methods=["GET"])
     def list_sessions(self, request: IRequest) -> Any:

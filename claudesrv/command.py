@@ -18,7 +18,8 @@ from typing import Any
 
 from claudesrv.errors import ApiError, invalid
 
-FIELDS = ("prompt", "session_id", "dangerously-skip-permissions", "allowedTools", "disallowedTools", "detach")
+FIELDS = ("prompt", "session_id", "dangerously-skip-permissions", "allowedTools", "disallowedTools", "detach",
+          "approvals")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ClaudeRequest:
     session_id: str | None = None
     options: SpawnOptions = SpawnOptions()
     detach: bool = False
+    approvals: bool = False  # ask a person (over HTTP) about tools that need approval, instead of denying them
 
 
 def is_canonical_uuid(value: str) -> bool:
@@ -104,8 +106,11 @@ def parse_request(raw: bytes, max_prompt: int) -> ClaudeRequest:
     detach = body.get("detach", False)
     if not isinstance(detach, bool):
         raise invalid("detach", "detach must be true or false")
+    approvals = body.get("approvals", False)
+    if not isinstance(approvals, bool):
+        raise invalid("approvals", "approvals must be true or false")
     options = SpawnOptions(skip, _tool_list(body, "allowedTools"), _tool_list(body, "disallowedTools"))
-    return ClaudeRequest(prompt=prompt, session_id=session_id, options=options, detach=detach)
+    return ClaudeRequest(prompt=prompt, session_id=session_id, options=options, detach=detach, approvals=approvals)
 
 
 def build_argv(executable: str, options: SpawnOptions, session_id: str, resume: bool,

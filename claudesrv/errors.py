@@ -18,17 +18,20 @@ log = Logger()
 class ApiError(Exception):
     """A request refused before anything runs: the HTTP status, an error code, a message, maybe the field."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.extra = extra or {}
 
     def as_json(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.field is not None:
             error["field"] = self.field
+        error.update(self.extra)
         return {"error": error}
 
 

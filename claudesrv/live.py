@@ -8,7 +8,8 @@ here knows who reads it. The promises kept here:
  - every turn ends with exactly one ``result`` event: the CLI's own, or one we write in its shape;
  - stopping a turn asks the CLI first (the ``interrupt`` control request keeps the process warm), then
    SIGINT, SIGTERM and SIGKILL to its process group, and afterwards no process it started is left;
- - a tool that needs approval is denied with a message that says how to allow it.
+ - a tool that needs approval is put to L{Approvals} (a person over HTTP, or a denial), and what waits
+   for a person is resolved as cancelled when its turn stops.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from claudesrv import command
+from claudesrv.approvals import Approvals
 from claudesrv.command import ClaudeRequest, SpawnOptions
 from claudesrv.eventlog import EventLog, event_line
 from claudesrv.process import CliProcess
@@ -76,6 +78,8 @@ class Limits:
     on_disconnect: str = "cancel"
     deny_tools: tuple[str, ...] = ()
     sandboxed: bool = False
+    approval_timeout: float = 300.0
+    allow_input_edits: tuple[str, ...] = ("AskUserQuestion",)
 
 
 class Host(Protocol):
@@ -83,6 +87,7 @@ class Host(Protocol):
 
     clock: IReactorTime
     limits: Limits
+    approvals: Approvals
 
     def spawn_cli(self, session: LiveSession, options: SpawnOptions, resume: bool) -> CliProcess: ...
 
@@ -252,6 +257,8 @@ class LiveSession:
         if turn is None:
             return
         limit = self.host.limits.idle_timeout
+        if self.host.approvals.waiting(self):  # the CLI is quiet because it waits for a person
+            turn.last_stdout = self.clock.seconds()
         quiet = self.clock.seconds() - turn.last_stdout
         if quiet >= limit:
             self.interrupt("timeout", "idle")
@@ -268,6 +275,7 @@ class LiveSession:
         log.info("turn {turn_id} of session {session_id} interrupted: {reason}", turn_id=turn.turn_id,
                  session_id=self.session_id, reason=reason + (f" ({timeout_kind})" if timeout_kind else ""))
         assert self.process is not None
+        self.host.approvals.cancel(self)
         grace = self.host.limits.kill_grace
         self.timers.set("sigint", grace, lambda: self._signal(signal.SIGINT))
         self.timers.set("sigterm", grace + TERM_GRACE, lambda: self._signal(signal.SIGTERM))
@@ -279,6 +287,7 @@ class LiveSession:
         turn = self.turn
         assert turn is not None
         self.turn = None
+        self.host.approvals.cancel(self)
         self.timers.cancel("run_timeout", "idle")
         if self.state != STOPPING:  # a process being stopped keeps its ladder: it may ignore stdin EOF
             self.timers.cancel("sigint", "sigterm", "sigkill")
@@ -359,22 +368,21 @@ class LiveSession:
                 self._end_turn()
 
     def cli_control(self, message: dict[str, Any]) -> None:
-        """The CLI asks us something. Tools that need approval are denied (nobody can be asked yet)."""
-        if message.get("type") != "control_request" or self.process is None:
-            return  # control_cancel_request: nothing of ours is pending
+        """The CLI asks us something (only tool approvals are served), or gives up asking."""
+        if self.process is None:
+            return
         request_id = str(message.get("request_id"))
+        if message.get("type") == "control_cancel_request":
+            self.host.approvals.cancel(self, request_id)
+            return
+        if message.get("type") != "control_request":
+            return
         request = message.get("request") or {}
         if request.get("subtype") != "can_use_tool":
             self.process.send(command.control_error(
                 request_id, f"claudesrv does not serve {request.get('subtype')!r} requests"))
             return
-        tool = str(request.get("tool_name"))
-        text = (f"claudesrv: the tool {tool} needs approval, and nobody can be asked during this turn. "
-                f"Pre-approve it with allowedTools (for example [\"{tool}\"]), or start the turn with "
-                "dangerously-skip-permissions.")
-        self.process.send(command.control_response(request_id, {"behavior": "deny", "message": text}))
-        self.log.append_event({"type": "claudesrv", "subtype": "permission_denied", "tool_name": tool,
-                               "tool_use_id": request.get("tool_use_id"), "message": text})
+        self.host.approvals.ask(self, request_id, request)
 
     def cli_exited(self) -> None:
         """The CLI is gone: kill what it left (its group, and tools in sessions of their own). No turn may be
@@ -394,6 +402,7 @@ class LiveSession:
             self.known_to_cli = True
         if self.state != STOPPING:  # no turn may be written to it while it is swept
             self._move("stop")
+        self.host.approvals.cancel(self)
         turn = self.turn
         if turn is not None:
             turn.exit_code = exit_code

@@ -9,8 +9,10 @@ _ERROR = {"$ref": "#/components/schemas/Error"}
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "Bad request (the error names the field)", 401: "Missing or wrong bearer token",
-            403: "Refused by policy (Host, origin, skip-permissions)", 404: "Unknown session",
-            405: "Wrong method", 409: "The session is busy, or has no running turn", 410: "Workspace gone",
+            403: "Refused by policy (Host, origin, skip-permissions, approvals, input edits)",
+            404: "Unknown session (or permission request)", 405: "Wrong method",
+            409: "The session is busy, has no running turn, or the request was already resolved",
+            410: "Workspace gone",
             413: "Body too large", 415: "Body is not application/json", 429: "Too many failed authentications",
             503: "CLI missing, or no run slot or queue place (Retry-After)"}
     return {str(c): {"description": text[c], "content": {"application/json": {"schema": _ERROR}}} for c in codes}
@@ -30,21 +32,45 @@ OPENAPI: dict[str, Any] = {
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                 "type": "object", "required": ["code", "message"],
                 "properties": {"code": {"type": "string"}, "message": {"type": "string"},
-                               "field": {"type": "string"}}}}},
+                               "field": {"type": "string"},
+                               "resolution": {"type": "object", "description": "already_resolved: how"}}}}},
             "Turn": {"type": "object", "required": ["prompt"], "additionalProperties": False, "properties": {
                 "prompt": {"type": "string", "minLength": 1},
                 "session_id": {"type": "string", "format": "uuid"},
                 "dangerously-skip-permissions": {"type": "boolean"},
                 "allowedTools": {"type": "array", "items": {"type": "string", "minLength": 1}},
                 "disallowedTools": {"type": "array", "items": {"type": "string", "minLength": 1}},
-                "detach": {"type": "boolean", "description": "keep the turn running if the client goes away"}}},
+                "detach": {"type": "boolean", "description": "keep the turn running if the client goes away"},
+                "approvals": {"type": "boolean", "description": "ask over HTTP (permission_request events) "
+                                                                "about tools that need approval, instead of "
+                                                                "denying them"}}},
+            "PermissionAnswer": {"type": "object", "required": ["behavior"], "additionalProperties": False,
+                                 "properties": {
+                "behavior": {"type": "string", "enum": ["allow", "deny"]},
+                "updated_input": {"type": "object", "description": "allow: the tool's new input (only tools in "
+                                                                   "--allow-input-edits)"},
+                "remember": {"type": "string", "enum": ["tool"],
+                             "description": "allow: no more questions about this tool in this session"},
+                "answers": {"type": "object", "additionalProperties": {"type": "string"},
+                            "description": "allow, AskUserQuestion: question text -> answer"},
+                "message": {"type": "string", "description": "deny: what Claude is told"},
+                "interrupt": {"type": "boolean", "description": "deny: also end the turn"}}},
+            "PermissionResolution": {"type": "object", "properties": {
+                "request_id": {"type": "string"}, "session_id": {"type": "string"},
+                "tool_name": {"type": "string"}, "behavior": {"type": "string", "enum": ["allow", "deny"]},
+                "by": {"type": "string", "enum": ["client", "timeout", "cancel", "remembered"]},
+                "remember": {"type": "string"}, "interrupt": {"type": "boolean"},
+                "resolved_at": {"type": "string", "format": "date-time"}}},
             "Session": {"type": "object", "properties": {
                 "session_id": {"type": "string"}, "session_ids": {"type": "array", "items": {"type": "string"}},
                 "workspace": {"type": "string"}, "created_at": {"type": "string"},
                 "last_used_at": {"type": "string"}, "running": {"type": "boolean"},
                 "state": {"type": "string", "enum": ["cold", "starting", "idle", "running", "stopping"]},
                 "pid": {"type": "integer", "nullable": True}, "last_event_id": {"type": "integer"},
-                "queued": {"type": "boolean"}}},
+                "queued": {"type": "boolean"},
+                "pending_permissions": {"type": "array", "description": "permission_request events that wait "
+                                                                       "for an answer",
+                                        "items": {"type": "object"}}}},
         },
     },
     "security": [{"bearer": []}],
@@ -90,6 +116,17 @@ OPENAPI: dict[str, Any] = {
             "summary": "Interrupt the session's running (or queued) turn", "parameters": [_SESSION_ID],
             "responses": {"202": {"description": "Cancelling; the stream ends with its result"},
                           **_errors(404, 409, *_COMMON)}}},
+        "/api/sessions/{session_id}/permissions/{request_id}": {"post": {
+            "summary": "Answer a permission_request event: allow the tool (perhaps remembered, or with answers), "
+                       "or deny it",
+            "parameters": [_SESSION_ID, {"name": "request_id", "in": "path", "required": True,
+                                         "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/PermissionAnswer"}}}},
+            "responses": {"200": {"description": "Resolved; the answer went to the CLI",
+                                  "content": {"application/json": {
+                                      "schema": {"$ref": "#/components/schemas/PermissionResolution"}}}},
+                          **_errors(400, 404, 409, 413, 415, *_COMMON)}}},
         "/healthz": {"get": {"summary": "Liveness (no auth)", "security": [],
                              "responses": {"200": {"description": "{\"status\": \"ok\"}"}}}},
         "/readyz": {"get": {"summary": "Readiness checks",

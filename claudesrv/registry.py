@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
+from claudesrv.approvals import Approvals
 from claudesrv.batches import Batches
 from claudesrv.command import ClaudeRequest, SpawnOptions, build_argv, build_env
 from claudesrv.eventlog import EventLog
@@ -95,6 +96,8 @@ class SessionRegistry:
         self._dispatch_again = False
         self._all_gone: list[Deferred[None]] = []
         self._sweeps: Batches[bytes] = Batches(self._kill_logged)
+        self.approvals = Approvals(clock, limits.approval_timeout, limits.allow_input_edits, store.remembered,
+                                   store.remember)
 
     def _kill_logged(self, markers: list[bytes]) -> Deferred[object]:
         return self.kill(markers).addErrback(lambda f: log.failure("process sweep failed", f))
@@ -131,7 +134,8 @@ class SessionRegistry:
             state = RUNNING
         log_ = self.logs.get(session_id) or EventLog.open(os.path.join(self.events_dir, session_id), 0)
         return {"state": state, "pid": session.pid if session is not None else None,
-                "last_event_id": log_.last_seq, "queued": turn is not None and turn.state == "queued"}
+                "last_event_id": log_.last_seq, "queued": turn is not None and turn.state == "queued",
+                "pending_permissions": self.approvals.waiting(session) if session is not None else []}
 
     def live_by_state(self) -> dict[str, int]:
         counts = {STARTING: 0, IDLE: 0, RUNNING: 0, STOPPING: 0}
@@ -473,6 +477,7 @@ class SessionRegistry:
     def destroy_log(self, session_id: str) -> None:
         """The session is deleted: followers get a ``deleted`` event, the files go."""
         self.sessions.pop(session_id, None)
+        self.approvals.forget(session_id)
         log_ = self.logs.pop(session_id, None) or EventLog.open(os.path.join(self.events_dir, session_id), 0)
         log_.destroy()
 

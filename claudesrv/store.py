@@ -31,6 +31,16 @@ CREATE TABLE IF NOT EXISTS sessions (
 )
 """
 
+# tools a person allowed for the rest of a session ("remember": "tool"); they go with the session's row
+REMEMBERED = """
+CREATE TABLE IF NOT EXISTS remembered_tools (
+    claude_session_id TEXT NOT NULL REFERENCES sessions(claude_session_id) ON DELETE CASCADE,
+    tool_name TEXT NOT NULL,
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    PRIMARY KEY (claude_session_id, tool_name)
+)
+"""
+
 
 GROUPS = (
     "SELECT workspace_path, MIN(created_at), MAX(last_used_at) AS last, MAX(rid) AS newest, "
@@ -150,8 +160,9 @@ class SessionStore:
 
     @inlineCallbacks
     def start(self) -> Any:
-        """Create the table if needed (the seed's schema, unchanged)."""
+        """Create the tables if needed (the seed's sessions table unchanged)."""
         yield self._execute(SCHEMA)
+        yield self._execute(REMEMBERED)
         yield self._execute("CREATE INDEX IF NOT EXISTS sessions_workspace ON sessions(workspace_path)")
 
     def close(self) -> None:
@@ -192,6 +203,15 @@ class SessionStore:
 
     def delete_workspace(self, workspace: str) -> Deferred[None]:
         return self._execute("DELETE FROM sessions WHERE workspace_path = ?", workspace)
+
+    def remembered(self, session_id: str) -> Deferred[set[str]]:
+        """The tools a person allowed for the rest of this session."""
+        d = self._query("SELECT tool_name FROM remembered_tools WHERE claude_session_id = ?", session_id)
+        return d.addCallback(lambda rows: {r[0] for r in rows})
+
+    def remember(self, session_id: str, tool: str) -> Deferred[None]:
+        return self._execute("INSERT OR IGNORE INTO remembered_tools (claude_session_id, tool_name, created_at) "
+                             "VALUES (?, ?, ?)", session_id, tool, self.now())
 
     def known(self) -> Deferred[tuple[set[str], set[str]]]:
         """Every session id and every workspace path in the table."""

@@ -91,6 +91,9 @@ class Options(usage.Options):
         ["session-ttl", None, 0.0, "Delete sessions (rows and workspaces) idle this many seconds (0: keep).",
          _seconds],
         ["skip-permissions", None, "allow", "allow or deny requests for dangerously-skip-permissions."],
+        ["approvals", None, "allow", "allow or deny turns that ask a person about tools (\"approvals\": true)."],
+        ["approval-timeout", None, 300.0, "Seconds a tool approval waits for an answer before it is denied "
+                                          "(0: no limit).", _seconds],
     ]
     optFlags = [
         ["insecure-no-auth", None, "Allow listening beyond loopback without any token (dangerous)."],
@@ -104,6 +107,7 @@ class Options(usage.Options):
         self["allowed-host"] = []
         self["cors-origin"] = []
         self["deny-tool"] = []
+        self["allow-input-edits"] = []
         self["tokens"] = []
 
     def opt_allowed_host(self, host: str) -> None:
@@ -118,6 +122,12 @@ class Options(usage.Options):
     def opt_deny_tool(self, tool: str) -> None:
         """A tool always added to the CLI's disallowed tools, whatever the request says (repeatable)."""
         self["deny-tool"].append(tool)
+
+    def opt_allow_input_edits(self, tool: str) -> None:
+        """A tool whose input a person's answer may change (repeatable; default AskUserQuestion only). An
+        answer that edits another tool's input is refused: a stolen token must not turn an approved ls
+        into rm."""
+        self["allow-input-edits"].append(tool)
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:3000:interface=127.0.0.1 (repeatable;
@@ -137,6 +147,10 @@ class Options(usage.Options):
             raise usage.UsageError("--on-disconnect must be cancel or continue")
         if self["skip-permissions"] not in ("allow", "deny"):
             raise usage.UsageError("--skip-permissions must be allow or deny")
+        if self["approvals"] not in ("allow", "deny"):
+            raise usage.UsageError("--approvals must be allow or deny")
+        if not self["allow-input-edits"]:
+            self["allow-input-edits"] = ["AskUserQuestion"]
         self["tokens"] = load_tokens(self["auth-token-file"], os.environ)
         exposed = [d for d in self["listen"] if not is_loopback_listener(d)]
         if exposed and not self["tokens"] and not self["insecure-no-auth"]:
@@ -239,6 +253,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         keepalive=options["keepalive"], kill_grace=options["kill-grace"],
         log_max_bytes=options["log-max-bytes"], on_disconnect=options["on-disconnect"],
         deny_tools=tuple(options["deny-tool"]), sandboxed=bool(options["sandboxed"]),
+        approval_timeout=options["approval-timeout"], allow_input_edits=tuple(options["allow-input-edits"]),
     )
     live = SessionRegistry(reactor, spawner(reactor), store, workspaces, cli.path, environ, limits,
                            os.path.join(data_dir, "events"))
@@ -246,7 +261,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     metrics, http_metrics = registry_for(live)
     api = ClaudeAPI(live, store, workspaces, cli, sessions, Readiness(store, workspaces, live, cli), metrics,
                     max_prompt=options["max-prompt"], skip_permissions=options["skip-permissions"],
-                    as_root=os.geteuid() == 0, sandboxed=bool(options["sandboxed"]))
+                    as_root=os.geteuid() == 0, sandboxed=bool(options["sandboxed"]), approvals=options["approvals"])
     policy = Policy(
         tokens=options["tokens"],
         loopback_only=all(is_loopback_listener(d) for d in options["listen"]),

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sqlite3
+import uuid
 from typing import Any
 
 from klein import Klein  # noqa: F401  (the resource under test is Klein's)
@@ -112,6 +113,7 @@ class ScriptedCli:
         self.signals: list[int] = []
         self.ignore_signals = False
         self.ignore_interrupt = False
+        self.asking: str | None = None  # the id of our open can_use_tool request
         self.transport = FakeTransport(self, pid)
 
     # ---------------------------------------------------------------- what the host writes
@@ -136,6 +138,9 @@ class ScriptedCli:
             elif subtype == "interrupt":
                 if self.ignore_interrupt:
                     return
+                if self.asking is not None:  # s02d: the open request is cancelled first
+                    self.say(json.dumps({"type": "control_cancel_request", "request_id": self.asking}))
+                    self.asking = None
                 self.say(json.dumps({"type": "control_response", "response": {
                     "subtype": "success", "request_id": request_id, "response": {"still_queued": []}}},
                     separators=(",", ":")))
@@ -143,6 +148,8 @@ class ScriptedCli:
                     self.end_turn(interrupted=True)
             return
         if message["type"] == "control_response":
+            if message["response"]["request_id"] == self.asking:
+                self.asking = None
             self.answers.append(message["response"])
             return
         if message["type"] == "user":
@@ -171,13 +178,15 @@ class ScriptedCli:
             self.say(line.replace(sid, self.session_id))
         self.in_turn = False
 
-    def ask(self) -> str:
-        """A can_use_tool request as s02a shows it; its request id."""
-        for direction, line in recording("s02a_cut_allow_updated_input"):
-            if direction == "out" and '"subtype":"can_use_tool"' in line:
-                self.say(line)
-                return str(json.loads(line)["request_id"])
-        raise AssertionError("no can_use_tool in the recording")
+    def ask(self, tool: str = "Bash") -> str:
+        """A can_use_tool request as s02a (Bash) or s09 (AskUserQuestion) shows it, under a fresh id; that id."""
+        name = "s09_ask_user_question" if tool == "AskUserQuestion" else "s02a_cut_allow_updated_input"
+        line = next(text for direction, text in recording(name)
+                    if direction == "out" and '"subtype":"can_use_tool"' in text)
+        message = json.loads(line)
+        request_id = self.asking = message["request_id"] = str(uuid.uuid4())
+        self.say(json.dumps(message))  # may be answered at once
+        return request_id
 
     def hold(self) -> None:
         """Later turns stay open (after their system/init) until L{end_turn} or an interrupt."""

@@ -54,7 +54,8 @@ class SessionsApi(InProcess):
         self.assertEqual(page["sessions"][0]["session_ids"], [LEGACY_ID, sids[0]])
         newest = page["sessions"][1]
         self.assertEqual(set(newest), {"session_id", "session_ids", "workspace", "created_at", "last_used_at",
-                                       "running", "state", "pid", "last_event_id", "queued"})
+                                       "running", "state", "pid", "last_event_id", "queued",
+                                       "pending_permissions"})
         [cli] = d.world.of(sids[2])
         self.assertEqual((newest["state"], newest["pid"], newest["last_event_id"], newest["running"],
                           newest["queued"]), (IDLE, cli.pid, 3, False, False))
