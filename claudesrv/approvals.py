@@ -133,6 +133,7 @@ class Approvals:
         self.pending: dict[str, Pending] = {}
         self.resolved: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
         self.remembered: dict[str, set[str]] = {}
+        self.decisions: dict[tuple[str, str], int] = {}  # (behavior, by) -> count, for /metrics
 
     # ------------------------------------------------------------------ the CLI asks
 
@@ -203,6 +204,7 @@ class Approvals:
         session.process.send(command.control_response(cli_request_id, {"behavior": "deny", "message": text}))
         session.log.append_event({"type": "claudesrv", "subtype": "permission_denied", "tool_name": tool,
                                   "tool_use_id": request.get("tool_use_id"), "message": text})
+        self._count("deny", "policy")
         log.info("approval of session {session_id}: {tool} denied by policy", session_id=session.session_id,
                  tool=tool)
 
@@ -298,6 +300,9 @@ class Approvals:
 
     # ------------------------------------------------------------------ every decision ends here
 
+    def _count(self, behavior: str, by: str) -> None:
+        self.decisions[(behavior, by)] = self.decisions.get((behavior, by), 0) + 1
+
     def _resolve(self, pending: Pending, resolution: dict[str, Any], response: dict[str, Any] | None) -> dict[str, Any]:
         del self.pending[pending.request_id]
         if pending.timer is not None and pending.timer.active():
@@ -312,6 +317,7 @@ class Approvals:
     def _record(self, session: LiveSession, request_id: str, tool: str, resolution: dict[str, Any]) -> dict[str, Any]:
         resolution = {**resolution, "resolved_at": iso(self.clock.seconds())}
         self.resolved[request_id] = (session.session_id, resolution)
+        self._count(resolution["behavior"], resolution["by"])
         while len(self.resolved) > KEEP_RESOLVED:
             self.resolved.popitem(last=False)
         session.log.append_event({"type": "claudesrv", "subtype": "permission_resolved", "request_id": request_id,

@@ -60,6 +60,14 @@ class RegistryCollector:
                                 value=len(r.queue))
         yield GaugeMetricFamily("claudesrv_event_log_bytes", "Bytes in the event logs of the sessions in use.",
                                 value=r.log_bytes())
+        decisions = CounterMetricFamily("claudesrv_permission_decisions", "Tool approval requests decided, by "
+                                        "behavior and by whom (client, timeout, cancel, remembered, policy).",
+                                        labels=["behavior", "by"])
+        for (behavior, by), n in sorted(r.approvals.decisions.items()):
+            decisions.add_metric([behavior, by], n)
+        yield decisions
+        yield GaugeMetricFamily("claudesrv_permissions_pending", "Tool approval requests waiting for a person.",
+                                value=len(r.approvals.pending))
         yield CounterMetricFamily("claudesrv_relayed_bytes", "SSE bytes written to clients.", value=c.bytes_relayed)
         yield CounterMetricFamily("claudesrv_relayed_lines", "CLI lines logged as events.", value=c.lines_logged)
 

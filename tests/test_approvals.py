@@ -11,6 +11,7 @@ import signal
 import sqlite3
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
@@ -186,6 +187,25 @@ class NobodyAnswers(ApprovalTestCase):
         code, body = self.answer(d, stream.session_id, event["request_id"], {"behavior": "allow"})
         self.assertEqual((code, body["error"]["resolution"]["behavior"]), (409, "deny"))
         self.assertEqual(len(cli.answers), 1)
+
+    def test_metrics_count_decisions_and_what_waits(self) -> None:
+        d, stream, cli, event = self.asking(approval_timeout=30)
+        d.clock.advance(30)
+        cli.ask()
+        self.answer(d, stream.session_id, self.last(stream, "permission_request")["request_id"], {"behavior": "deny"})
+        cli.ask()
+        figures: dict[Any, float] = {}
+        for family in text_string_to_metric_families(self.scrape(d)):
+            for sample in family.samples:
+                if sample.name == "claudesrv_permission_decisions_total":
+                    figures[(sample.labels["behavior"], sample.labels["by"])] = sample.value
+                elif sample.name == "claudesrv_permissions_pending":
+                    figures["pending"] = sample.value
+        self.assertEqual(figures, {("deny", "timeout"): 1, ("deny", "client"): 1, "pending": 1})
+
+    def scrape(self, d: Daemon) -> str:
+        response = self.successResultOf(d.http.get("http://localhost/metrics"))
+        return str(self.successResultOf(d.http.text_content(response)))
 
     def test_cancel_while_pending(self) -> None:
         """A cancel interrupts the turn: the CLI cancels its own request (s02d), the request is resolved as
