@@ -22,7 +22,13 @@ description: Chat with Claude Code through a claudesrv server, one Claude Code s
 #
 # Each answer ends with a line "session_id=<uuid>": the next message resumes that session.
 # The server enforces what is allowed; this pipe only forwards what the user asked for.
+#
+# With the valve approvals on, a tool that was not pre-approved is not denied at once: Open WebUI
+# shows a confirmation dialog (Confirm allows the tool, Cancel denies it), and a question from
+# Claude (AskUserQuestion) becomes an input dialog. A dialog closed without an answer denies, at the
+# latest when the server's wait for the answer runs out.
 
+import asyncio
 import codecs
 import json
 import logging
@@ -36,6 +42,7 @@ from pydantic import BaseModel, Field
 log = logging.getLogger(__name__)
 
 EventEmitter = Callable[[dict[str, Any]], Awaitable[Any]]
+EventCall = Callable[[dict[str, Any]], Awaitable[Any]]
 
 UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 SESSION_MARKER = re.compile(r"^session_id=(" + UUID_PATTERN + r")$", re.MULTILINE)
@@ -61,6 +68,18 @@ TITLE_MAX_CHARS = 60
 MAX_REMEMBERED_CHATS = 10_000
 
 NEW_SESSION_HINT = "Send your message again with a line `new_session=true` to start a fresh session."
+
+# Approval dialogs (the approvals valve)
+# (Open WebUI's dialog does not scroll: what does not fit is cut, saying how much was left out.)
+APPROVAL_COMMAND_LINES = 25  # of a Bash command, in a dialog
+APPROVAL_INPUT_MAX_CHARS = 1200  # most characters of a command, or of a tool's input as JSON, in a dialog
+APPROVAL_HEAD_LINES = 12  # of a file's new content, in a dialog
+APPROVAL_HEAD_CHARS = 600
+ASK_USER_QUESTION = "AskUserQuestion"
+EDIT_TOOLS = ("Write", "Edit", "MultiEdit", "NotebookEdit")
+DECLINED = "The user declined this tool use in Open WebUI."
+NOT_ANSWERED = "The user did not answer the question in Open WebUI."
+REQUEST_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")
 
 
 class ParamError(ValueError):
@@ -277,8 +296,9 @@ def collect_params(messages: list[dict[str, Any]], valves: Any) -> tuple[dict[st
     return params, prompt
 
 
-def build_payload(prompt: str, params: dict[str, Any], session_id: str | None) -> dict[str, Any]:
-    """The JSON body of POST /api/claude."""
+def build_payload(prompt: str, params: dict[str, Any], session_id: str | None,
+                  approvals: bool = False) -> dict[str, Any]:
+    """The JSON body of POST /api/claude (``approvals``: ask this pipe about tools that are not pre-approved)."""
     payload: dict[str, Any] = {"prompt": prompt}
     if session_id is not None:
         payload["session_id"] = session_id
@@ -287,6 +307,8 @@ def build_payload(prompt: str, params: dict[str, Any], session_id: str | None) -
     for key in (ALLOWED_TOOLS, DISALLOWED_TOOLS):
         if params.get(key):
             payload[key] = list(params[key])
+    if approvals:
+        payload["approvals"] = True
     return payload
 
 
@@ -514,6 +536,11 @@ def status_for_event(event: dict[str, Any]) -> str | None:
         return f"Permission denied: {event.get('tool_name', 'a tool')}"
     if kind == "claudesrv" and subtype == "queued":
         return f"Waiting for a free Claude Code process (position {event.get('position', '?')})…"
+    if kind == "claudesrv" and subtype == "permission_request":
+        tool = str(event.get("tool_name") or "a tool")
+        return "Claude asks you a question" if tool == ASK_USER_QUESTION else f"Waiting for your approval: {tool}"
+    if kind == "claudesrv" and subtype == "permission_resolved":
+        return resolution_status(event)
     if kind == "assistant":
         message = event.get("message")
         content = message.get("content") if isinstance(message, dict) else None
@@ -524,6 +551,18 @@ def status_for_event(event: dict[str, Any]) -> str | None:
     if kind == "user":
         return "Claude Code is working…"
     return None
+
+
+def resolution_status(event: dict[str, Any]) -> str:
+    """The status line for a ``permission_resolved`` event: "Allowed Bash", "Denied Bash (timeout)", ..."""
+    tool = str(event.get("tool_name") or "a tool")
+    allowed = event.get("behavior") == "allow"
+    by = event.get("by")
+    if tool == ASK_USER_QUESTION:
+        text = "Question answered" if allowed else "Question not answered"
+    else:
+        text = f"{'Allowed' if allowed else 'Denied'} {tool}"
+    return text + (f" ({by})" if by and by != "client" else "")
 
 
 def result_status(event: dict[str, Any]) -> str:
@@ -554,6 +593,8 @@ def render_http_error(status: int, body: bytes) -> str:
     elif code.startswith("skip_permissions"):
         text += ("\n\nSend `dangerously-skip-permissions=false` (alone or with your request): "
                  "the setting stays in force for the rest of this chat.")
+    elif code == "approvals_denied":
+        text += "\n\nThis server asks nobody about tools: switch off the `approvals` valve of this function."
     elif code in ("session_not_found", "workspace_missing") or status == 410:
         text += "\n\n" + NEW_SESSION_HINT
     elif code == "session_busy":
@@ -561,6 +602,153 @@ def render_http_error(status: int, body: bytes) -> str:
     elif status in (429, 503):
         text += "\n\nThe server is busy; try again in a moment."
     return text
+
+
+# --------------------------------------------------------------------------- approval dialogs
+
+
+def inline_code(text: str) -> str:
+    """Text as one Markdown code span, whatever backticks it holds."""
+    text = " ".join(text.split())
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def plain(text: str, limit: int = 300) -> str:
+    """Text from Claude shown as plain text on one line in Markdown: its Markdown characters escaped, so it
+    cannot pass itself off as part of the dialog (a code block of a harmless command, say)."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", one_line(text, limit))
+
+
+def text_head(text: str, lines: int = APPROVAL_HEAD_LINES, chars: int = APPROVAL_HEAD_CHARS) -> str:
+    """The start of a text (its first lines, at most ``chars`` characters), saying how much was left out."""
+    shown = "\n".join(text.split("\n")[:lines])[:chars]
+    if len(shown) >= len(text):
+        return text
+    return shown + f"\n… ({len(text) - len(shown)} more characters)"
+
+
+def describe_tool_request(event: dict[str, Any]) -> str:
+    """
+    A readable account, in Markdown, of what a ``permission_request`` asks: for Bash the command (and
+    its description), for Write and Edit the file and the start of the new text, else the input as
+    compact JSON, cut to a sane length. What the tool does comes first; the description (Claude's own
+    words) last, as escaped plain text.
+    """
+    tool = str(event.get("tool_name") or "a tool")
+    raw_input = event.get("input")
+    tool_input: dict[str, Any] = raw_input if isinstance(raw_input, dict) else {}
+    description = event.get("description")
+    if not isinstance(description, str) or description.strip() == tool:
+        description = ""
+    own = tool_input.get("description")
+    if tool == "Bash" and isinstance(own, str) and own.strip():
+        description = own
+    parts: list[str] = []
+    command = tool_input.get("command")
+    path = next((tool_input[key] for key in ("file_path", "notebook_path", "path")
+                 if isinstance(tool_input.get(key), str) and tool_input[key].strip()), None)
+    if tool == "Bash" and isinstance(command, str):
+        shown = text_head(command, APPROVAL_COMMAND_LINES, APPROVAL_INPUT_MAX_CHARS)
+        parts.append(f"Claude wants to run:\n\n{code_block(shown, 'sh')}")
+    elif tool in EDIT_TOOLS and path is not None:
+        verb = "write" if tool == "Write" else "edit"
+        parts.append(f"Claude wants to {verb} {inline_code(path)}")
+        new_text = next((tool_input[key] for key in ("content", "new_string", "new_source")
+                         if isinstance(tool_input.get(key), str)), None)
+        old_text = tool_input.get("old_string")
+        edits = tool_input.get("edits")
+        if isinstance(old_text, str) and old_text:
+            parts.append(f"Replacing:\n\n{code_block(text_head(old_text).rstrip(chr(10)))}")
+        if new_text is not None:
+            parts.append(("With:" if isinstance(old_text, str) and old_text else "New text:")
+                         + f"\n\n{code_block(text_head(new_text).rstrip(chr(10)))}")
+        elif isinstance(edits, list):
+            parts.append(f"{len(edits)} edit{'' if len(edits) == 1 else 's'}")
+    else:
+        compact = json.dumps(tool_input, ensure_ascii=False, separators=(",", ":"))
+        parts.append(f"Claude wants to use {plain(tool, 100)} with:\n\n"
+                     f"{code_block(truncate(compact, APPROVAL_INPUT_MAX_CHARS), 'json')}")
+    if description.strip():
+        parts.append(f"Claude says: {plain(description)}")
+    return "\n\n".join(parts)
+
+
+def option_labels(question: dict[str, Any]) -> list[str]:
+    """The labels of a question's options."""
+    options = question.get("options")
+    labels: list[str] = []
+    for option in options if isinstance(options, list) else []:
+        label = option.get("label") if isinstance(option, dict) else option
+        if isinstance(label, str) and label.strip():
+            labels.append(label.strip())
+    return labels
+
+
+def question_dialog(question: dict[str, Any]) -> dict[str, Any]:
+    """Open WebUI's input dialog for one AskUserQuestion question: the question and its options, numbered."""
+    lines = [str(question.get("question") or "Claude asks you a question.").strip()]
+    options = question.get("options")
+    numbered: list[str] = []
+    for option in options if isinstance(options, list) else []:
+        label = option.get("label") if isinstance(option, dict) else option
+        if not isinstance(label, str) or not label.strip():
+            continue
+        about = option.get("description") if isinstance(option, dict) else None
+        numbered.append(f"{len(numbered) + 1}. **{one_line(label, 200)}**"
+                        + (f": {one_line(about, 300)}" if isinstance(about, str) and about.strip() else ""))
+    if numbered:
+        lines.append("\n".join(numbered))
+    if question.get("multiSelect"):
+        placeholder = "Numbers or names of the options, separated by commas, or your own answer"
+    elif numbered:
+        placeholder = f"A number (1-{len(numbered)}), an option's name, or your own answer"
+    else:
+        placeholder = "Your answer"
+    header = question.get("header")
+    title = header.strip() if isinstance(header, str) and header.strip() else "Claude asks"
+    return {"type": "input", "data": {"title": title, "message": "\n\n".join(lines), "placeholder": placeholder}}
+
+
+def match_answer(text: str, question: dict[str, Any]) -> str:
+    """
+    What the user typed as the answer to a question: an option's number or label (any case) becomes
+    the label; with ``multiSelect``, a comma-separated list of them becomes the labels joined by ", ";
+    anything else is the user's own answer, as typed (trimmed).
+    """
+    labels = option_labels(question)
+
+    def option(piece: str) -> str | None:
+        piece = piece.strip()
+        if re.fullmatch(r"[0-9]+", piece) and 1 <= int(piece) <= len(labels):
+            return labels[int(piece) - 1]
+        return next((label for label in labels if label.casefold() == piece.casefold()), None)
+
+    text = text.strip()
+    if question.get("multiSelect") and "," in text:
+        picked = [option(piece) for piece in text.split(",") if piece.strip()]
+        if picked and all(picked):
+            return ", ".join(label for label in picked if label)
+    return option(text) or text
+
+
+def typed_answer(value: Any) -> str | None:
+    """The text an input dialog gave back, or None when there is none (cancelled, closed, or confirmed empty:
+    Open WebUI then gives True)."""
+    if isinstance(value, str) and value.strip():
+        return value
+    return None
+
+
+def request_questions(event: dict[str, Any]) -> list[dict[str, Any]]:
+    """The questions of an AskUserQuestion request (top-level ``questions``, else the input's)."""
+    questions = event.get("questions")
+    if not isinstance(questions, list):
+        tool_input = event.get("input")
+        questions = tool_input.get("questions") if isinstance(tool_input, dict) else None
+    return [q for q in questions if isinstance(q, dict)] if isinstance(questions, list) else []
 
 
 # --------------------------------------------------------------------------- tasks
@@ -621,6 +809,116 @@ class Paragraphs:
         return joined
 
 
+class Approvals:
+    """
+    Answers the server's ``permission_request`` events with Open WebUI dialogs while the pipe goes on
+    reading the stream. Each request is settled by a task of its own: its dialog(s), then the answer
+    posted to the server. Open WebUI shows one dialog at a time, so the dialogs take turns. A request the
+    server settles first (its wait timed out, the turn was cancelled) ends its task, open dialog or not:
+    a dialog closed without a button (Escape, a click beside it) never answers, and this is how its wait
+    ends. Nothing here raises: failures become status lines, and an unanswered request is denied.
+    """
+
+    def __init__(self, client: httpx.AsyncClient, base_url: str, headers: dict[str, str],
+                 event_call: EventCall | None, status: Status) -> None:
+        self.client = client
+        self.base_url = base_url.rstrip("/")
+        self.headers = headers
+        self.event_call = event_call
+        self.status = status
+        self.session_id: str | None = None
+        self.turns = asyncio.Lock()  # one dialog at a time
+        self.tasks: dict[str, asyncio.Future[None]] = {}
+        self.undecided: set[str] = set()  # requests whose dialog is open or waits for its turn
+
+    def request(self, event: dict[str, Any]) -> None:
+        """A ``permission_request``: start settling it."""
+        request_id = event.get("request_id")
+        if not isinstance(request_id, str) or not REQUEST_ID.fullmatch(request_id) or request_id in self.tasks:
+            log.warning("claude-code pipe: a permission request without a usable request_id: %.200r", request_id)
+            return
+        self.undecided.add(request_id)
+        self.tasks[request_id] = asyncio.ensure_future(self.settle(request_id, event))
+
+    def resolved(self, event: dict[str, Any]) -> None:
+        """A ``permission_resolved``: a dialog still waiting for it is no longer needed."""
+        request_id = event.get("request_id")
+        task = self.tasks.get(request_id) if isinstance(request_id, str) else None
+        if task is not None and request_id in self.undecided:
+            self.undecided.discard(str(request_id))
+            task.cancel()
+
+    async def close(self) -> None:
+        """End every task still running (the turn is over, or the pipe is being closed)."""
+        running = [task for task in self.tasks.values() if not task.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def settle(self, request_id: str, event: dict[str, Any]) -> None:
+        tool = str(event.get("tool_name") or "a tool")
+        try:
+            async with self.turns:
+                answer = await self.decide(tool, event)
+            self.undecided.discard(request_id)
+            await self.send(request_id, tool, answer)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("claude-code pipe: answering a permission request failed")
+            await self.status(f"Could not answer for {tool}: {type(e).__name__}")
+
+    async def decide(self, tool: str, event: dict[str, Any]) -> dict[str, Any]:
+        """The answer to post: the user's, from the dialogs; a deny when there is none."""
+        if self.event_call is None:
+            return {"behavior": "deny", "message": DECLINED + " (Open WebUI could not show a dialog here)"}
+        if tool == ASK_USER_QUESTION:
+            return await self.ask(event)
+        dialog = {"type": "confirmation",
+                  "data": {"title": f"Allow {tool}?", "message": describe_tool_request(event)}}
+        try:
+            value = await self.event_call(dialog)
+        except Exception as e:  # Open WebUI's wait for the browser timed out, or the socket is gone
+            log.warning("claude-code pipe: the confirmation dialog failed: %s: %s", type(e).__name__, e)
+            return {"behavior": "deny", "message": DECLINED + f" (the dialog gave no answer: {type(e).__name__})"}
+        return {"behavior": "allow"} if value else {"behavior": "deny", "message": DECLINED}
+
+    async def ask(self, event: dict[str, Any]) -> dict[str, Any]:
+        """An AskUserQuestion: one input dialog per question; an empty or closed one denies."""
+        assert self.event_call is not None
+        questions = request_questions(event)
+        if not questions:
+            return {"behavior": "deny", "message": "Open WebUI could not read the question."}
+        answers: dict[str, str] = {}
+        for question in questions:
+            try:
+                typed = typed_answer(await self.event_call(question_dialog(question)))
+            except Exception as e:
+                log.warning("claude-code pipe: the input dialog failed: %s: %s", type(e).__name__, e)
+                typed = None
+            if typed is None:
+                return {"behavior": "deny", "message": NOT_ANSWERED}
+            answers[str(question.get("question") or "")] = match_answer(typed, question)
+        return {"behavior": "allow", "answers": answers}
+
+    async def send(self, request_id: str, tool: str, answer: dict[str, Any]) -> None:
+        """Post the answer; a request that has already ended (404, 409) is only reported."""
+        if not self.session_id:
+            await self.status(f"Could not answer for {tool}: the server named no session")
+            return
+        url = f"{self.base_url}/api/sessions/{self.session_id}/permissions/{request_id}"
+        try:
+            response = await self.client.post(url, json=answer, headers=self.headers)
+        except httpx.HTTPError as e:
+            await self.status(f"Could not send your answer for {tool}: {type(e).__name__}")
+            return
+        if response.status_code in (404, 409):
+            await self.status(f"Too late to answer for {tool}: the request had already ended")
+        elif response.status_code != 200:
+            await self.status(f"Could not send your answer for {tool} (HTTP {response.status_code})")
+
+
 class Pipe:
     class Valves(BaseModel):
         base_url: str = Field(default="http://localhost:3000", description="The claudesrv server's base URL.")
@@ -646,6 +944,12 @@ class Pipe:
         default_disallowed_tools: str = Field(
             default="", description='Default disallowedTools: WebFetch or ["WebFetch"].'
         )
+        approvals: bool = Field(
+            default=False,
+            description="Ask in the chat (a confirmation dialog) before Claude uses a tool that was not "
+                        "pre-approved, and show Claude's questions as input dialogs. Off: the server denies "
+                        "such tools.",
+        )
 
     def __init__(self) -> None:
         self.valves = self.Valves()
@@ -667,9 +971,11 @@ class Pipe:
         """The marker in the history, else the session this pipe last saw in the chat."""
         return find_session_id(messages) or (self.chat_sessions.get(chat_id) if chat_id else None)
 
-    def headers(self) -> dict[str, str]:
+    def headers(self, stream: bool = True) -> dict[str, str]:
         """The request headers, with the bearer token when one is set."""
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        headers = {"Content-Type": "application/json"}
+        if stream:
+            headers["Accept"] = "text/event-stream"
         if self.valves.api_token:
             headers["Authorization"] = f"Bearer {self.valves.api_token}"
         return headers
@@ -683,10 +989,12 @@ class Pipe:
         __task__: str | None = None,
         __task_body__: dict[str, Any] | None = None,
         __event_emitter__: EventEmitter | None = None,
+        __event_call__: EventCall | None = None,
     ) -> AsyncGenerator[str, None]:
         """
         Answer one chat turn by streaming a claudesrv run; errors become readable text.
         Closing this generator (Open WebUI's Stop) closes the HTTP stream, which stops the run.
+        With the approvals valve on (and dialogs to show them in), tools that need approval are asked about.
         """
         if __task__:
             yield task_answer(__task__, __task_body__)
@@ -708,48 +1016,62 @@ class Pipe:
 
         resume = None if params.get(NEW_SESSION) else self.session_to_resume(messages, chat_id)
         marker: str | None = resume  # the session this answer belongs to
-        payload = build_payload(prompt, params, resume)
+        # Without __event_call__ (not a browser chat) nobody can be asked: the server denies as without the valve.
+        payload = build_payload(prompt, params, resume, approvals=valves.approvals and __event_call__ is not None)
         url = valves.base_url.rstrip("/") + "/api/claude"
         final_status = "Stopped"  # unless the run ends otherwise
         await status("Resuming the Claude Code session…" if resume else "Starting Claude Code…")
         try:
             timeout = httpx.Timeout(valves.idle_timeout, connect=valves.connect_timeout)
             async with httpx.AsyncClient(timeout=timeout, transport=self.transport) as client:
-                async with client.stream("POST", url, json=payload, headers=self.headers()) as response:
-                    if response.status_code != 200:
-                        refusal = render_http_error(response.status_code, await response.aread())
-                        final_status = f"Refused (HTTP {response.status_code})"
-                        if response.status_code in (404, 410):
-                            marker = None
-                        yield paragraph(refusal)
-                    else:
-                        decoder = SSEDecoder()
-                        result: dict[str, Any] | None = None
-                        async for chunk in response.aiter_bytes():
-                            for data in decoder.feed(chunk):
-                                event = decode_event(data)
-                                if event is None:
-                                    continue
-                                reported = event.get("session_id")
-                                if isinstance(reported, str) and SESSION_ID.fullmatch(reported):
-                                    marker = reported
-                                    self.remember(chat_id, reported)
-                                note = status_for_event(event)
-                                if note:
-                                    await status(note)
-                                text = render_event(event, valves)
-                                if text:
-                                    yield paragraph(text)
-                                if event.get("type") == "result":
-                                    result = event
-                                    break
-                            if result is not None:
-                                break
-                        if result is None:
-                            final_status = "Failed"
-                            yield paragraph("**The connection to claudesrv ended before Claude Code finished.**")
+                approvals = Approvals(client, valves.base_url, self.headers(stream=False), __event_call__, status)
+                try:
+                    async with client.stream("POST", url, json=payload, headers=self.headers()) as response:
+                        if response.status_code != 200:
+                            refusal = render_http_error(response.status_code, await response.aread())
+                            final_status = f"Refused (HTTP {response.status_code})"
+                            if response.status_code in (404, 410):
+                                marker = None
+                            yield paragraph(refusal)
                         else:
-                            final_status = result_status(result)
+                            header = response.headers.get("X-Session-Id", "")
+                            if SESSION_ID.fullmatch(header):
+                                approvals.session_id = header
+                            decoder = SSEDecoder()
+                            result: dict[str, Any] | None = None
+                            async for chunk in response.aiter_bytes():
+                                for data in decoder.feed(chunk):
+                                    event = decode_event(data)
+                                    if event is None:
+                                        continue
+                                    reported = event.get("session_id")
+                                    if isinstance(reported, str) and SESSION_ID.fullmatch(reported):
+                                        marker = reported
+                                        self.remember(chat_id, reported)
+                                        approvals.session_id = approvals.session_id or reported
+                                    note = status_for_event(event)
+                                    if note:
+                                        await status(note)
+                                    if event.get("type") == "claudesrv":
+                                        if event.get("subtype") == "permission_request":
+                                            approvals.request(event)
+                                        elif event.get("subtype") == "permission_resolved":
+                                            approvals.resolved(event)
+                                    text = render_event(event, valves)
+                                    if text:
+                                        yield paragraph(text)
+                                    if event.get("type") == "result":
+                                        result = event
+                                        break
+                                if result is not None:
+                                    break
+                            if result is None:
+                                final_status = "Failed"
+                                yield paragraph("**The connection to claudesrv ended before Claude Code finished.**")
+                            else:
+                                final_status = result_status(result)
+                finally:
+                    await approvals.close()
         except httpx.ConnectTimeout:
             final_status = "Failed"
             yield paragraph(f"**Could not connect to claudesrv** at {url} within {valves.connect_timeout:g} s.")

@@ -21,8 +21,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.support import Daemon, Since, pid_alive, post, wait_for
-from tests.test_openwebui_pipe_units import load_pipe_module
+from tests.support import Daemon, Since, pid_alive, post, state_lines, wait_for
+from tests.test_openwebui_pipe_units import HANG, Dialogs, load_pipe_module
 
 MARKER = re.compile(r"\nsession_id=([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\Z")
 
@@ -450,3 +450,88 @@ class ErrorsRendered(TestCase):
         self.assertEqual(turn.session_id(), call["session_id"])
         self.assertFailedStatus(turn)
         yield wait_stopped(self, daemon, call["pid"])
+
+
+class ApprovalsAsked(TestCase):
+    """With the approvals valve on, tools that need approval are asked about in Open WebUI's dialogs (a fake
+    ``__event_call__``), through a real daemon and the fake CLI, whose ``tools.jsonl`` says which tools ran."""
+
+    timeout = 60
+
+    def tools_ran(self, daemon: Daemon) -> list[dict[str, Any]]:
+        return state_lines(daemon.state_dir, "tools.jsonl")
+
+    @inlineCallbacks
+    def test_approvals(self) -> Any:
+        """One daemon: a confirmed dialog lets Bash run, a cancelled one denies it with the pipe's message, and
+        Claude's question gets the option the user typed the number of (each check's own docstring says
+        exactly what it proves). Another daemon with a 1 s approval timeout: a dialog closed without an
+        answer ends as the server's timeout."""
+        daemon = yield Daemon(self).start()
+        for check in (self.confirmed_runs_the_tool, self.cancelled_denies_the_tool, self.question_answered):
+            yield check(daemon)
+        quick = yield Daemon(self, "--approval-timeout", "1").start()
+        yield self.closed_dialog_times_out(quick)
+
+    @inlineCallbacks
+    def confirmed_runs_the_tool(self, daemon: Daemon) -> Any:
+        """The turn asks for approvals; the Bash call becomes a confirmation dialog showing the command; Confirm
+        lets the tool run (the fake's tools.jsonl), Claude's final text follows, and the status lines show the
+        request and its resolution."""
+        before = len(self.tools_ran(daemon))
+        dialogs = Dialogs(True)
+        turn = yield run_pipe(make_pipe(base_url=daemon.url, approvals=True),
+                              chat(user("[[fake tool=Bash]] write hi to file.txt")), __event_call__=dialogs)
+        [dialog] = dialogs.calls
+        self.assertEqual((dialog["type"], dialog["data"]["title"]), ("confirmation", "Allow Bash?"))
+        self.assertIn("echo hi > file.txt", dialog["data"]["message"])
+        ran = self.tools_ran(daemon)[before:]
+        self.assertEqual([tool["tool_name"] for tool in ran], ["Bash"])
+        self.assertIn("MOCK-FINAL after tool:", turn.text)
+        self.assertIn("(Bash completed with no output)", turn.text)
+        self.assertIsNotNone(turn.session_id())
+        statuses = turn.statuses()
+        self.assertIn(("Waiting for your approval: Bash", False), statuses)
+        self.assertIn(("Allowed Bash", False), statuses)
+        self.assertTrue(statuses[-1][0].startswith("Done") and statuses[-1][1], statuses)
+
+    @inlineCallbacks
+    def cancelled_denies_the_tool(self, daemon: Daemon) -> Any:
+        """Cancel denies the tool: it does not run, and Claude gets the pipe's message as the tool's error."""
+        before = len(self.tools_ran(daemon))
+        turn = yield run_pipe(make_pipe(base_url=daemon.url, approvals=True),
+                              chat(user("[[fake tool=Bash]] write hi to file.txt")), __event_call__=Dialogs(False))
+        self.assertEqual(self.tools_ran(daemon)[before:], [])
+        self.assertIn("MOCK-FINAL after tool:", turn.text)
+        self.assertIn("The user declined this tool use in Open WebUI.", turn.text)
+        self.assertIn(("Denied Bash", False), turn.statuses())
+
+    @inlineCallbacks
+    def question_answered(self, daemon: Daemon) -> Any:
+        """Claude's AskUserQuestion is an input dialog listing the options; the number typed becomes that
+        option's label in the answers the tool gets."""
+        before = len(self.tools_ran(daemon))
+        dialogs = Dialogs("2")
+        turn = yield run_pipe(make_pipe(base_url=daemon.url, approvals=True),
+                              chat(user("[[fake tool=AskUserQuestion]] ask me")), __event_call__=dialogs)
+        [dialog] = dialogs.calls
+        self.assertEqual((dialog["type"], dialog["data"]["title"]), ("input", "Format"))
+        self.assertIn("2. **Detailed**", dialog["data"]["message"])
+        [ran] = self.tools_ran(daemon)[before:]
+        self.assertEqual(ran["tool_name"], "AskUserQuestion")
+        self.assertEqual(ran["input"]["answers"], {"Which format?": "Detailed"})
+        self.assertIn("MOCK-FINAL after tool:", turn.text)
+        self.assertIn(("Question answered", False), turn.statuses())
+
+    @inlineCallbacks
+    def closed_dialog_times_out(self, daemon: Daemon) -> Any:
+        """A dialog closed without a button never answers: the server's approval timeout denies the tool, the
+        pipe stops waiting for the dialog, and the turn ends normally."""
+        dialogs = Dialogs(HANG)
+        turn = yield run_pipe(make_pipe(base_url=daemon.url, approvals=True),
+                              chat(user("[[fake tool=Bash]] write hi to file.txt")), __event_call__=dialogs)
+        self.assertEqual(len(dialogs.calls), 1)
+        self.assertEqual(self.tools_ran(daemon), [])
+        self.assertIn("MOCK-FINAL after tool:", turn.text)
+        self.assertIn(("Denied Bash (timeout)", False), turn.statuses())
+        self.assertTrue(turn.statuses()[-1][0].startswith("Done"), turn.statuses())

@@ -1,7 +1,9 @@
 """
 Unit tests of the Open WebUI pipe ``open-webui/claude-code.py``, loaded by path the way Open WebUI
 loads a Function: the text (after Open WebUI's import rewrite) executed in a fresh module.
-The server is replaced by ``httpx.MockTransport``; coroutines run under ``asyncio.run``.
+The server is replaced by ``httpx.MockTransport``; coroutines run under ``asyncio.run``. Open WebUI's
+``__event_call__`` is replaced by L{Dialogs}, which answers as Open WebUI does: True or False for a
+confirmation, the typed text, True (confirmed empty) or False for an input.
 """
 
 from __future__ import annotations
@@ -447,6 +449,7 @@ class CollectParamsTests(SynchronousTestCase):
                          "disallowedTools": ["Edit"], "new_session": True}, SESSION_A),
             {"prompt": "hi", "session_id": SESSION_A, "dangerously-skip-permissions": True,
              "allowedTools": ["Bash"], "disallowedTools": ["Edit"]})
+        self.assertEqual(build("hi", {}, None, approvals=True), {"prompt": "hi", "approvals": True})
 
 
 # --------------------------------------------------------------------------- sessions
@@ -593,6 +596,8 @@ class RenderTests(SynchronousTestCase):
         self.assertIn("new_session=true", pipe_module.render_http_error(
             404, b'{"error":{"code":"session_not_found","message":"no session"}}'))
         self.assertIn("<html>bad gateway", pipe_module.render_http_error(502, b"<html>bad gateway"))
+        self.assertIn("`approvals` valve", pipe_module.render_http_error(
+            403, b'{"error":{"code":"approvals_denied","message":"this server does not ask people about tools"}}'))
 
 
 # --------------------------------------------------------------------------- tasks
@@ -851,3 +856,433 @@ class StopTests(SynchronousTestCase):
         self.assertEqual(pieces, ["I will use Bash."])
         self.assertTrue(server.stream.closed)
         self.assertEqual(events[-1]["data"]["done"], True)
+
+
+# --------------------------------------------------------------------------- approvals
+
+REQUEST_ID = "0123456789abcdef0123456789abcdef"
+REQUEST_ID_2 = "fedcba9876543210fedcba9876543210"
+BASH_REQUEST = {"type": "claudesrv", "subtype": "permission_request", "request_id": REQUEST_ID, "tool_name": "Bash",
+                "input": {"command": "echo hi > file.txt", "description": "Write hi to file.txt"},
+                "tool_use_id": "toolu_1", "description": "Write hi to file.txt", "suggestions": [],
+                "expires_at": "2026-12-02T04:10:00Z"}
+QUESTION = {"question": "Which format?", "header": "Format",
+            "options": [{"label": "Summary", "description": "a short summary"},
+                        {"label": "Detailed", "description": "a long answer"}],
+            "multiSelect": False}
+ASK_REQUEST = {"type": "claudesrv", "subtype": "permission_request", "request_id": REQUEST_ID,
+               "tool_name": "AskUserQuestion", "input": {"questions": [QUESTION]}, "tool_use_id": "toolu_2",
+               "questions": [QUESTION], "expires_at": "2026-12-02T04:10:00Z"}
+ANSWER_PATH = re.compile(r"/api/sessions/([^/]+)/permissions/([^/]+)")
+
+HANG = object()  # a dialog closed without a button (Escape, a click beside it): Open WebUI never answers
+
+
+class Dialogs:
+    """
+    An ``__event_call__``: records every dialog and gives the next of its answers (an exception is
+    raised, HANG never answers); with no answers left it gives None.
+    """
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers = list(answers)
+        self.calls: list[dict[str, Any]] = []
+        self.server: ApprovalServer | None = None
+        self.answers_posted: list[int] = []  # how many answers the server had when each dialog opened
+
+    async def __call__(self, event: dict[str, Any]) -> Any:
+        self.calls.append(event)
+        if self.server is not None:
+            self.answers_posted.append(len(self.server.answers))
+        answer = self.answers.pop(0) if self.answers else None
+        if answer is HANG:
+            await asyncio.Event().wait()
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
+class ScriptStream(httpx.AsyncByteStream):
+    """A response body produced by an async generator as it goes."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.chunks = chunks
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.chunks:
+            yield chunk
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class ApprovalServer:
+    """
+    A claudesrv asked for approvals: its turn sends a tool call and the given permission requests (all at
+    once), then, for each in turn, waits for its answer and says how it was resolved, then ends. An answer
+    refused with C{answer_status} (409: too late), or a request of C{expire}, is resolved as timed out; a
+    request to expire is resolved once its dialog is open, without waiting for an answer.
+    """
+
+    def __init__(self, *requests: dict[str, Any], answer_status: int = 200, expire: bool = False,
+                 dialogs: Dialogs | None = None) -> None:
+        self.permission_requests = requests or (BASH_REQUEST,)
+        self.answer_status = answer_status
+        self.expire = expire
+        self.dialogs = dialogs
+        self.requests: list[httpx.Request] = []
+        self.answers: list[tuple[str, str, dict[str, Any]]] = []  # session, request id, body
+        self.answered: dict[str, asyncio.Event] = {}
+        self.stream: ScriptStream | None = None
+
+    async def script(self) -> AsyncIterator[bytes]:
+        yield b": keepalive\n\n" + sse(INIT, TOOL_USE, *self.permission_requests)
+        for index, request in enumerate(self.permission_requests):
+            request_id = request["request_id"]
+            if self.expire:
+                assert self.dialogs is not None
+                while len(self.dialogs.calls) <= index:
+                    await asyncio.sleep(0.001)
+                behavior, by = "deny", "timeout"
+            else:
+                await self.answered.setdefault(request_id, asyncio.Event()).wait()
+                body = next(body for _, rid, body in self.answers if rid == request_id)
+                behavior, by = (body["behavior"], "client") if self.answer_status == 200 else ("deny", "timeout")
+            yield b": keepalive\n\n"
+            yield sse({"type": "claudesrv", "subtype": "permission_resolved", "request_id": request_id,
+                       "tool_name": request["tool_name"], "behavior": behavior, "by": by})
+        yield sse(TOOL_RESULT, TEXT_AFTER, RESULT_OK)
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if request.url.path == "/api/claude":
+            self.stream = ScriptStream(self.script())
+            return httpx.Response(200, headers={"Content-Type": "text/event-stream", "X-Session-Id": SESSION_C},
+                                  stream=self.stream)
+        answer = ANSWER_PATH.fullmatch(request.url.path)
+        if request.method == "POST" and answer is not None:
+            session_id, request_id = answer.groups()
+            self.answers.append((session_id, request_id, json.loads(request.content)))
+            self.answered.setdefault(request_id, asyncio.Event()).set()
+            if self.answer_status == 409:
+                return httpx.Response(409, json={"error": {"code": "already_resolved",
+                                                           "message": "the request was already resolved"}})
+            if self.answer_status != 200:
+                return httpx.Response(self.answer_status, json={"error": {"code": "x", "message": "no"}})
+            return httpx.Response(200, json={"request_id": request_id, "session_id": session_id, "by": "client",
+                                             "tool_name": "Bash", "behavior": json.loads(request.content)["behavior"]})
+        return httpx.Response(404, json={"error": {"code": "not_found", "message": "no such route"}})
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    def payload(self) -> Any:
+        return json.loads(self.requests[0].content)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [body for _, _, body in self.answers]
+
+
+def run_with_dialogs(server: ApprovalServer, dialogs: Dialogs | None, message: str = "write hi to file.txt",
+                     **valve_values: Any) -> tuple[str, list[str]]:
+    """The pipe's answer with the approvals valve on, and its status lines; it must end within 10 s."""
+    pipe = make_pipe(None, **{"approvals": True, **valve_values})
+    pipe.transport = server.transport()
+    events: list[dict[str, Any]] = []
+
+    async def emitter(event: dict[str, Any]) -> None:
+        events.append(event)
+
+    async def collect() -> str:
+        answer = pipe.pipe({"messages": [user(message)]}, __event_emitter__=emitter, __event_call__=dialogs)
+        return "".join([piece async for piece in answer])
+
+    async def bounded() -> str:
+        return await asyncio.wait_for(collect(), 10)
+
+    text = asyncio.run(bounded())
+    return text, [str(e["data"]["description"]) for e in events]
+
+
+class ApprovalDialogTests(SynchronousTestCase):
+    """What the dialogs say and how typed answers are read."""
+
+    def test_bash_shows_command_and_description(self) -> None:
+        """A Bash request shows its command in a code block, then its description as escaped plain text."""
+        text = pipe_module.describe_tool_request(BASH_REQUEST)
+        self.assertEqual(text, "Claude wants to run:\n\n```sh\necho hi > file.txt\n```\n\n"
+                               "Claude says: Write hi to file\\.txt")
+
+    def test_description_cannot_pose_as_the_command(self) -> None:
+        """Markdown in the description (a code block of a harmless command) stays inert text after the real one."""
+        event = {**BASH_REQUEST, "input": {"command": "rm -rf ~", "description": "```sh\nls\n```"}}
+        text = pipe_module.describe_tool_request(event)
+        self.assertTrue(text.startswith("Claude wants to run:\n\n```sh\nrm -rf ~\n```"), text)
+        self.assertEqual(text.count("```"), 2)
+
+    def test_long_command_cut(self) -> None:
+        """A very long command, or one of many lines, is cut, saying how much was left out."""
+        event = {**BASH_REQUEST, "input": {"command": "x" * 5000}, "description": ""}
+        text = pipe_module.describe_tool_request(event)
+        self.assertIn("(3800 more characters)", text)
+        self.assertLess(len(text), 1400)
+        event = {**BASH_REQUEST, "input": {"command": "echo\n" * 40}, "description": ""}
+        text = pipe_module.describe_tool_request(event)
+        self.assertEqual(text.count("echo"), 25)
+        self.assertIn("(76 more characters)", text)
+
+    def test_write_shows_path_and_head_of_content(self) -> None:
+        """A Write request shows the file and the first lines of its content."""
+        content = "".join(f"line {i}\n" for i in range(100))
+        event = {"tool_name": "Write", "input": {"file_path": "/w/notes.md", "content": content},
+                 "description": "Write"}
+        text = pipe_module.describe_tool_request(event)
+        self.assertTrue(text.startswith("Claude wants to write `/w/notes.md`"), text)
+        self.assertIn("line 0\nline 1\n", text)
+        self.assertIn("line 11\n…", text)
+        self.assertNotIn("line 12", text)
+        self.assertIn("more characters)", text)
+
+    def test_edit_shows_old_and_new_text(self) -> None:
+        """An Edit request shows the file, the text replaced and the new text."""
+        event = {"tool_name": "Edit", "input": {"file_path": "a.py", "old_string": "x = 1", "new_string": "x = 2"}}
+        text = pipe_module.describe_tool_request(event)
+        self.assertIn("Claude wants to edit `a.py`", text)
+        self.assertIn("Replacing:\n\n```\nx = 1\n```", text)
+        self.assertIn("With:\n\n```\nx = 2\n```", text)
+
+    def test_other_tools_compact_json_cut(self) -> None:
+        """Any other tool shows its input as compact JSON, cut to a sane length."""
+        event = {"tool_name": "WebFetch", "input": {"url": "https://example.com", "prompt": "p" * 3000}}
+        text = pipe_module.describe_tool_request(event)
+        self.assertIn('```json\n{"url":"https://example.com","prompt":"ppp', text)
+        self.assertIn("more characters)", text)
+        self.assertLess(len(text), 1400)
+        self.assertIn("```json\n{}\n```", pipe_module.describe_tool_request({"tool_name": "X", "input": None}))
+
+    def test_question_dialog(self) -> None:
+        """A question becomes an input dialog: header as title, the question and its options numbered."""
+        dialog = pipe_module.question_dialog(QUESTION)
+        self.assertEqual(dialog["type"], "input")
+        self.assertEqual(dialog["data"]["title"], "Format")
+        self.assertEqual(dialog["data"]["message"],
+                         "Which format?\n\n1. **Summary**: a short summary\n2. **Detailed**: a long answer")
+        self.assertIn("1-2", dialog["data"]["placeholder"])
+        self.assertEqual(pipe_module.question_dialog({"question": "Why?"})["data"]["title"], "Claude asks")
+
+    def test_typed_answers_matched_to_options(self) -> None:
+        """An option's number or label (any case) gives its label; other text is kept as typed."""
+        match = pipe_module.match_answer
+        self.assertEqual(match(" 2 ", QUESTION), "Detailed")
+        self.assertEqual(match("summary", QUESTION), "Summary")
+        self.assertEqual(match("3", QUESTION), "3")
+        self.assertEqual(match("Something else, please", QUESTION), "Something else, please")
+        multi = {**QUESTION, "multiSelect": True}
+        self.assertEqual(match("1, detailed", multi), "Summary, Detailed")
+        self.assertEqual(match("1, and more", multi), "1, and more")
+
+    def test_input_dialog_values(self) -> None:
+        """Only typed text is an answer: Open WebUI gives True for an empty confirmed input, False for Cancel."""
+        self.assertEqual(pipe_module.typed_answer("Detailed"), "Detailed")
+        for value in (True, False, None, "", "  ", {"x": 1}):
+            self.assertIsNone(pipe_module.typed_answer(value), value)
+
+    def test_status_lines(self) -> None:
+        """Requests and resolutions become status lines naming the tool and, unless the user decided, why."""
+        status = pipe_module.status_for_event
+        self.assertEqual(status(BASH_REQUEST), "Waiting for your approval: Bash")
+        self.assertEqual(status(ASK_REQUEST), "Claude asks you a question")
+        resolved = {"type": "claudesrv", "subtype": "permission_resolved", "tool_name": "Bash"}
+        self.assertEqual(status({**resolved, "behavior": "allow", "by": "client"}), "Allowed Bash")
+        self.assertEqual(status({**resolved, "behavior": "deny", "by": "timeout"}), "Denied Bash (timeout)")
+        self.assertEqual(status({**resolved, "behavior": "allow", "by": "remembered"}), "Allowed Bash (remembered)")
+        self.assertEqual(status({**resolved, "tool_name": "AskUserQuestion", "behavior": "allow", "by": "client"}),
+                         "Question answered")
+        self.assertEqual(pipe_module.render_event(BASH_REQUEST, valves()), "")
+
+
+class ApprovalTests(SynchronousTestCase):
+    """The pipe with the approvals valve on, against a server that asks."""
+
+    def test_confirmed_is_allowed(self) -> None:
+        """A confirmed dialog posts allow to the request's route (with the token), the turn goes on to its end,
+        and the status lines tell the request and its resolution."""
+        dialogs = Dialogs(True)
+        server = ApprovalServer()
+        text, statuses = run_with_dialogs(server, dialogs, api_token="s3cret")
+        self.assertEqual(server.payload(), {"prompt": "write hi to file.txt", "approvals": True})
+        [dialog] = dialogs.calls
+        self.assertEqual(dialog["type"], "confirmation")
+        self.assertEqual(dialog["data"]["title"], "Allow Bash?")
+        self.assertIn("echo hi > file.txt", dialog["data"]["message"])
+        self.assertEqual(server.answers, [(SESSION_C, REQUEST_ID, {"behavior": "allow"})])
+        answer = server.requests[1]
+        self.assertEqual(answer.headers["Authorization"], "Bearer s3cret")
+        self.assertEqual(answer.headers["Content-Type"], "application/json")
+        self.assertIn("Done: file.txt holds hi.", text)
+        self.assertTrue(text.endswith("session_id=" + SESSION_C))
+        self.assertIn("Waiting for your approval: Bash", statuses)
+        self.assertIn("Allowed Bash", statuses)
+        self.assertTrue(statuses[-1].startswith("Done"), statuses)
+
+    def test_cancelled_is_denied(self) -> None:
+        """Cancel (False), or no value at all, posts a deny saying the user declined in Open WebUI."""
+        for value in (False, None):
+            server = ApprovalServer()
+            _, statuses = run_with_dialogs(server, Dialogs(value))
+            self.assertEqual(server.bodies(),
+                             [{"behavior": "deny", "message": "The user declined this tool use in Open WebUI."}])
+            self.assertIn("Denied Bash", statuses)
+
+    def test_failed_dialog_is_denied(self) -> None:
+        """A dialog that fails (Open WebUI's wait for the browser timed out) posts a deny."""
+        server = ApprovalServer()
+        text, _ = run_with_dialogs(server, Dialogs(TimeoutError()))
+        [body] = server.bodies()
+        self.assertEqual(body["behavior"], "deny")
+        self.assertIn("declined", body["message"])
+        self.assertIn("TimeoutError", body["message"])
+        self.assertIn("Done: file.txt holds hi.", text)
+
+    def test_closed_dialog_ends_with_server_timeout(self) -> None:
+        """A dialog closed without a button never answers: when the server times the request out, the pipe
+        stops waiting for it, posts nothing, shows the denial and reads the turn to its end."""
+        dialogs = Dialogs(HANG)
+        server = ApprovalServer(expire=True, dialogs=dialogs)
+        text, statuses = run_with_dialogs(server, dialogs)
+        self.assertEqual(len(dialogs.calls), 1)
+        self.assertEqual(server.answers, [])
+        self.assertIn("Denied Bash (timeout)", statuses)
+        self.assertIn("Done: file.txt holds hi.", text)
+        self.assertTrue(statuses[-1].startswith("Done"), statuses)
+
+    def test_too_late(self) -> None:
+        """An answer the server refuses with 409 (already resolved) is reported as too late, and the stream is
+        read on to the end."""
+        server = ApprovalServer(answer_status=409)
+        text, statuses = run_with_dialogs(server, Dialogs(True))
+        self.assertEqual(server.bodies(), [{"behavior": "allow"}])
+        self.assertIn("Too late to answer for Bash: the request had already ended", statuses)
+        self.assertIn("Denied Bash (timeout)", statuses)
+        self.assertIn("Done: file.txt holds hi.", text)
+        self.assertTrue(statuses[-1].startswith("Done"), statuses)
+
+    def test_answer_refused(self) -> None:
+        """Another refusal of the answer is a status line; the pipe does not fail."""
+        server = ApprovalServer(answer_status=500)
+        text, statuses = run_with_dialogs(server, Dialogs(True))
+        self.assertIn("Could not send your answer for Bash (HTTP 500)", statuses)
+        self.assertIn("Done: file.txt holds hi.", text)
+
+    def test_question_answered(self) -> None:
+        """An AskUserQuestion is an input dialog; the typed text, an option's label or its number, is posted
+        as the answer to that question's text, the number as its label."""
+        for typed, expected in (("Detailed", "Detailed"), ("2", "Detailed"), ("summary", "Summary"),
+                                ("JSON, please", "JSON, please")):
+            dialogs = Dialogs(typed)
+            server = ApprovalServer(ASK_REQUEST)
+            _, statuses = run_with_dialogs(server, dialogs)
+            [dialog] = dialogs.calls
+            self.assertEqual(dialog["type"], "input")
+            self.assertEqual(dialog["data"]["title"], "Format")
+            self.assertIn("2. **Detailed**", dialog["data"]["message"])
+            self.assertEqual(server.bodies(), [{"behavior": "allow", "answers": {"Which format?": expected}}])
+            self.assertIn("Claude asks you a question", statuses)
+            self.assertIn("Question answered", statuses)
+
+    def test_question_not_answered(self) -> None:
+        """An input dialog cancelled (False), confirmed empty (True), or failing denies the question."""
+        for value in (False, True, "   ", RuntimeError("socket gone")):
+            server = ApprovalServer(ASK_REQUEST)
+            _, statuses = run_with_dialogs(server, Dialogs(value))
+            self.assertEqual(server.bodies(),
+                             [{"behavior": "deny", "message": "The user did not answer the question in Open WebUI."}])
+            self.assertIn("Question not answered", statuses)
+
+    def test_several_questions(self) -> None:
+        """One input dialog per question, all answers in one post; one unanswered question denies them all."""
+        second = {"question": "Which language?", "header": "", "options": [], "multiSelect": False}
+        request = {**ASK_REQUEST, "questions": [QUESTION, second], "input": {"questions": [QUESTION, second]}}
+        dialogs = Dialogs("1", "French")
+        server = ApprovalServer(request)
+        run_with_dialogs(server, dialogs)
+        self.assertEqual([d["data"]["title"] for d in dialogs.calls], ["Format", "Claude asks"])
+        self.assertEqual(server.bodies(),
+                         [{"behavior": "allow", "answers": {"Which format?": "Summary", "Which language?": "French"}}])
+        server = ApprovalServer(request)
+        run_with_dialogs(server, Dialogs("1", False))
+        self.assertEqual(server.bodies()[0]["behavior"], "deny")
+
+    def test_dialogs_take_turns(self) -> None:
+        """Two requests at once (two tool calls): Open WebUI shows one dialog at a time, so the second opens
+        only after the first was answered; each gets its own answer."""
+        second = {**BASH_REQUEST, "request_id": REQUEST_ID_2, "input": {"command": "ls"}}
+        dialogs = Dialogs(True, False)
+        server = ApprovalServer(BASH_REQUEST, second)
+        dialogs.server = server
+        text, statuses = run_with_dialogs(server, dialogs)
+        self.assertEqual(dialogs.answers_posted, [0, 1])
+        self.assertEqual([(rid, body["behavior"]) for _, rid, body in server.answers],
+                         [(REQUEST_ID, "allow"), (REQUEST_ID_2, "deny")])
+        self.assertIn("Allowed Bash", statuses)
+        self.assertIn("Denied Bash", statuses)
+        self.assertIn("Done: file.txt holds hi.", text)
+
+    def test_valve_off_sends_no_approvals(self) -> None:
+        """With the valve off (the default) the request has no approvals field, even with dialogs available."""
+        server = FakeServer(body=sse(INIT, RESULT_OK))
+        run_pipe(make_pipe(server), {"messages": [user("hi")]}, __event_call__=Dialogs())
+        self.assertEqual(server.payload(), {"prompt": "hi"})
+        self.assertFalse(pipe_module.Pipe().valves.approvals)
+
+    def test_no_dialogs_sends_no_approvals(self) -> None:
+        """With the valve on but no __event_call__ (not a browser chat) nobody can be asked: no approvals field,
+        so the server denies such tools itself."""
+        server = FakeServer(body=sse(INIT, RESULT_OK))
+        run_pipe(make_pipe(server, approvals=True), {"messages": [user("hi")]})
+        self.assertEqual(server.payload(), {"prompt": "hi"})
+
+    def test_request_without_dialogs_denied(self) -> None:
+        """A request that comes anyway when there are no dialogs is denied at once."""
+        server = ApprovalServer()
+        text, statuses = run_with_dialogs(server, None)
+        [body] = server.bodies()
+        self.assertEqual(body["behavior"], "deny")
+        self.assertIn("could not show a dialog", body["message"])
+        self.assertIn("Done: file.txt holds hi.", text)
+
+    def test_stop_while_dialog_open(self) -> None:
+        """Open WebUI's Stop (cancelling the task that reads the pipe) while a dialog is open closes the stream
+        and ends the dialog's wait: nothing is posted, no task is left behind, the status says Stopped."""
+        dialogs = Dialogs(HANG)
+        server = ApprovalServer()
+        pipe = make_pipe(None, approvals=True)
+        pipe.transport = server.transport()
+        events: list[dict[str, Any]] = []
+
+        async def emitter(event: dict[str, Any]) -> None:
+            events.append(event)
+
+        async def consume() -> None:
+            async for _ in pipe.pipe({"messages": [user("hi")]}, __event_emitter__=emitter, __event_call__=dialogs):
+                pass
+
+        async def scenario() -> None:
+            task = asyncio.ensure_future(consume())
+            for _ in range(10_000):
+                if dialogs.calls:
+                    break
+                await asyncio.sleep(0.001)
+            self.assertEqual(len(dialogs.calls), 1)
+            task.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await task
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            self.assertEqual(pending, [])
+
+        asyncio.run(scenario())
+        self.assertEqual(server.answers, [])
+        assert server.stream is not None
+        self.assertTrue(server.stream.closed)
+        self.assertEqual(events[-1]["data"], {"description": "Stopped", "done": True})
