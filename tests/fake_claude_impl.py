@@ -209,8 +209,11 @@ to proceed with this tool use...", a user line ``[Request interrupted by user fo
 ``terminal_reason: aborted_tools`` and the call in ``permission_denials`` (s02b2, s02d). The process stays up
 for the next turn (after SIGINT it exits 0).
 
-Tools (knob ``tool=NAME``): an assistant text line ``I will use NAME.`` and an assistant tool_use line (same
-message id), then the decision:
+Tools (knob ``tool=NAME`` or ``tool=NAME1,NAME2,...``): an assistant text line ``I will use NAME.`` (``I will use
+NAME1, NAME2.``) and one assistant tool_use line per tool (same message id), then each call's decision in turn, ONE
+at a time (s02g): the next call is decided only after the previous one's tool_result. A call that is asked about
+gets its can_use_tool request before the message's later tool_use lines; one that is not has them printed before
+its tool_result. Each call's decision:
   NAME in --disallowedTools     an error tool_result ``No such tool available: NAME`` (a guess)
   allowed without asking        NAME in --allowedTools (values split at commas and spaces outside
                                 parentheses; the exact tool name matches, a rule such as ``Bash(git *)`` never
@@ -224,14 +227,17 @@ message id), then the decision:
       allow [+ updatedInput]    the tool runs with updatedInput, else the original input (s02a, s02f)
       deny + message            an error tool_result with exactly that message; the call goes into
                                 ``permission_denials``; the turn ends ``success`` (s02b)
-      deny + interrupt: true    the aborted_tools ending above (s02b2)
+      deny + interrupt: true    the aborted_tools ending above (s02b2); later calls of the message are not asked
       an error response         tool_result ``Tool permission request failed: Error: <error>`` (s02f)
       stdin EOF                 tool_result ``Tool permission request failed: AbortError: Tool permission stream
                                 closed before response received``; the turn ends normally, then exit 0 (s07f)
   otherwise                     auto-denied: ``system/permission_denied`` and an error tool_result (s02h)
-then the final assistant line ``MOCK-FINAL after tool: [{"id", "is_error", "content"}]`` and the result.
+An interrupt while a request is open cancels it and ends the turn the same way (s02d). Then the final assistant
+line ``MOCK-FINAL after tool: [{"id", "is_error", "content"}, ...]`` (one entry per call, in order) and the result
+(2 model calls; ``num_turns`` 1 + one per call: 2 for one tool, 3 for two, as s02a and s02g show).
 Nothing is executed. Inputs: Bash ``{"command": "echo hi > file.txt", "description": ...}`` (s02a) or ``cmd=``;
-AskUserQuestion s09's question, its tool_result built from ``updatedInput.answers`` (s09); Write, Edit,
+with several tools the first Bash gets ``cmd=`` or s02g's ``echo one > one.txt``, every later Bash s02g's ``echo two
+> two.txt``; AskUserQuestion s09's question, its tool_result built from ``updatedInput.answers`` (s09); Write, Edit,
 MultiEdit, NotebookEdit ``file.txt`` in the cwd; other tools ``{}``.
 
 Ending: stdin EOF: the running turn and the queued messages finish, then exit 0 after 40 ms (s07a, s07b);
@@ -260,7 +266,8 @@ keys and non-integer values: message on stderr, exit 2.
   ignore_interrupt=1  from this turn on, an interrupt request is answered but ends nothing (a CLI stuck where it
                  cannot abort; signals still work unless ignore_signals)
   grandchild=1   start ``sleep 1000`` in its own session (killed on interrupt, SIGINT/SIGTERM/SIGHUP and exit)
-  tool=NAME      a tool call (above); ``cmd=TEXT`` its Bash command
+  tool=NAME      a tool call (above); ``tool=NAME1,NAME2`` several in one message; ``cmd=TEXT`` the (first) Bash
+                 command
   tool_ms=D      an allowed tool runs D ms; an interrupt meanwhile gives s03d's "stopped while running"
                  tool_result and aborted_tools (no denial)
   reply=TEXT     the final assistant text and the result's ``result``
@@ -285,10 +292,11 @@ State (under ``$FAKE_STATE_DIR``): ``invocations.jsonl`` (written at start, ``"m
   ``permissions.jsonl``  one line per can_use_tool request: pid, turn, request_id, tool_name
   ``tools.jsonl``        one line per tool that "ran": pid, turn, tool_name, tool_use_id, input (the one used)
 
-Not replayed: ``--include-partial-messages`` stream events (s03b), hooks and ``defer`` (s08*), several tool
-calls in one message (s02g), the settings file an ``updatedPermissions`` rule writes (s02e), the cost a
-``--resume``d session carries over (s06, s11b: the real total_cost_usd continues the session's, the fake's
-starts at 0 in each process).
+Not replayed: ``--include-partial-messages`` stream events (s03b), hooks and ``defer`` (s08*), the settings file an
+``updatedPermissions`` rule writes (s02e), the cost a ``--resume``d session carries over (s06, s11b: the real
+total_cost_usd continues the session's, the fake's starts at 0 in each process). Guessed, not recorded: where the
+later tool_use lines come when the first call is not asked about, and what a deny + interrupt or an interrupt
+does to the message's later calls (the fake leaves them without a tool_result).
 """
 
 from __future__ import annotations
@@ -1242,9 +1250,12 @@ class Turn:
         self.interrupted = False  # an interrupt request came
         self.tool_abort = False  # the abort ends a tool call (aborted_tools), not streaming
         self.tool_call: dict[str, Any] | None = None  # {"tool_name", "tool_use_id", "tool_input"} of the call
+        self.tool_msg: tuple[str, str] = ("", "")  # message and request id of the tool_use lines
+        self.unprinted: list[dict[str, Any]] = []  # tool_use blocks of that message not printed yet
         self.tool_running = False  # an allowed tool is running (tool_ms)
         self.denials: list[dict[str, Any]] = []
-        self.calls = 0  # model calls (num_turns, cost)
+        self.calls = 0  # model calls (cost; num_turns unless set below)
+        self.num_turns = 0  # after tools: 1 + one per tool_result (s02a: 2, s02g: 3)
         self.assistants = 0
         self.reply = ""
         self.lines_since_poll = 0
@@ -1704,9 +1715,9 @@ class Sdk:
             crash()
         if scn.flag("hang"):
             self.wait(float("inf"))
-        tool = turn.knobs.get("tool")
-        if tool:
-            self.tool_round(turn, tool, delay)
+        tools = [name for name in turn.knobs.get("tool", "").split(",") if name]
+        if tools:
+            self.tool_round(turn, tools, delay)
         else:
             turn.reply = turn.knobs.get("reply", "").replace("_", " ") or mock_reply(turn.model_prompt)
             if not generated:
@@ -1735,7 +1746,7 @@ class Sdk:
             total_cost_usd=self.total_cost,
             modelUsage={name: dict(entry) for name, entry in self.model_usage.items()},
             permission_denials=turn.denials,
-            num_turns=max(1, turn.calls) if line.get("subtype") == "success" else line["num_turns"],
+            num_turns=(turn.num_turns or max(1, turn.calls)) if line.get("subtype") == "success" else line["num_turns"],
             uuid=new_uuid(),
             result_index=self.results,
             model_usage_since_last_result={self.model: {**usage, "costUSD": cost, "canonicalModel": self.model}},
@@ -1787,11 +1798,15 @@ class Sdk:
 
     # ---- tools
 
-    def tool_input(self, name: str, cmd: str) -> dict[str, Any]:
+    def tool_input(self, name: str, cmd: str, nth: int, several: bool) -> dict[str, Any]:
+        """The input of a call of NAME; for Bash, NTH counts the Bash calls before it in the message."""
         if name == "Bash":
-            if cmd:
+            if cmd and nth == 0:
                 return {"command": cmd, "description": "mock command"}
-            line = tmpl("s02a_cut_allow_updated_input", "assistant", has='"type":"tool_use"')
+            if several:  # s02g: echo one > one.txt, then echo two > two.txt
+                line = tmpl("s02g_cut_two_tools", "assistant", min(nth, 1), has='"type":"tool_use"')
+            else:
+                line = tmpl("s02a_cut_allow_updated_input", "assistant", has='"type":"tool_use"')
             return dict(line["message"]["content"][0]["input"])
         if name == "AskUserQuestion":
             line = tmpl("s09_ask_user_question", "assistant", has='"type":"tool_use"')
@@ -1810,22 +1825,53 @@ class Sdk:
             return "mode"
         return None
 
-    def tool_round(self, turn: Turn, name: str, delay: float) -> None:
-        """assistant text + tool_use, the permission decision, a tool_result, the final assistant line."""
+    def tool_round(self, turn: Turn, names: list[str], delay: float) -> None:
+        """assistant text + one tool_use per tool (one message); each call's permission decision and tool_result
+        in turn, one can_use_tool at a time (s02g); the final assistant line."""
         cmd = turn.knobs.get("cmd", "").replace("_", " ")
-        tool_input = self.tool_input(name, cmd)
-        ids = (hex_id("msg_"), hex_id("req_"))
-        tool_use_id = hex_id("toolu_")
+        calls = [
+            {
+                "tool_name": name,
+                "tool_use_id": hex_id("toolu_"),
+                "tool_input": self.tool_input(name, cmd, names[:i].count("Bash"), len(names) > 1),
+            }
+            for i, name in enumerate(names)
+        ]
+        turn.tool_msg = (hex_id("msg_"), hex_id("req_"))
         self.gap("assistant", delay)
-        self.assistant(turn, [{"type": "text", "text": f"I will use {name}."}], ids)
-        self.gap("tool_use", delay)
-        self.assistant(turn, [{"type": "tool_use", "id": tool_use_id, "name": name, "input": tool_input}], ids)
-        call = {"tool_name": name, "tool_use_id": tool_use_id, "tool_input": tool_input}
+        self.assistant(turn, [{"type": "text", "text": f"I will use {', '.join(names)}."}], turn.tool_msg)
+        turn.unprinted = [
+            {"type": "tool_use", "id": c["tool_use_id"], "name": c["tool_name"], "input": c["tool_input"]}
+            for c in calls
+        ]
+        self.print_tool_uses(turn, delay, keep=len(calls) - 1)
+        results = [self.decide(turn, call, delay) for call in calls]
+        turn.calls = 2
+        turn.num_turns = 1 + len(calls)
+        turn.reply = turn.knobs.get("reply", "").replace("_", " ") or "MOCK-FINAL after tool: " + json.dumps(
+            [{"id": c["tool_use_id"], "is_error": e, "content": t} for c, (t, e) in zip(calls, results, strict=True)]
+        )
+        self.gap("final", delay)
+        self.assistant(turn, [{"type": "text", "text": turn.reply}])
+
+    def print_tool_uses(self, turn: Turn, delay: float, keep: int = 0) -> None:
+        """The message's tool_use lines not printed yet, but the last KEEP: the first call's can_use_tool comes
+        before the second tool_use line (s02g)."""
+        while len(turn.unprinted) > keep:
+            self.gap("tool_use", delay)
+            self.assistant(turn, [turn.unprinted.pop(0)], turn.tool_msg)
+
+    def decide(self, turn: Turn, call: dict[str, Any], delay: float) -> tuple[str, bool]:
+        """One call's permission decision and tool_result: (content, is_error)."""
+        name, tool_use_id, tool_input = call["tool_name"], call["tool_use_id"], call["tool_input"]
         turn.tool_call = call
         how = self.allowed_without_asking(name)
+        if name not in self.disallowed and how is None and self.stdio and self.mode != "dontAsk":
+            return self.ask(turn, name, tool_use_id, tool_input, delay)
+        self.print_tool_uses(turn, delay)  # a call not asked about: the message's other tool_use lines first
         if name in self.disallowed:
             self.gap("tool")
-            content, is_error = self.tool_error(
+            return self.tool_error(
                 turn,
                 tool_use_id,
                 f"<tool_use_error>Error: No such tool available: {name}</tool_use_error>",
@@ -1833,19 +1879,10 @@ class Sdk:
                 "Tool permission request failed",
                 denial=False,
             )
-        elif how is not None:
+        if how is not None:
             self.gap("tool")
-            content, is_error = self.tool_ran(turn, name, tool_use_id, tool_input, {"source": "config", "reason": how})
-        elif self.stdio and self.mode != "dontAsk":
-            content, is_error = self.ask(turn, name, tool_use_id, tool_input, delay)
-        else:
-            content, is_error = self.auto_deny(turn, name, tool_use_id, tool_input)
-        turn.calls = 2
-        turn.reply = turn.knobs.get("reply", "").replace("_", " ") or "MOCK-FINAL after tool: " + json.dumps(
-            [{"id": tool_use_id, "is_error": is_error, "content": content}]
-        )
-        self.gap("final", delay)
-        self.assistant(turn, [{"type": "text", "text": turn.reply}])
+            return self.tool_ran(turn, name, tool_use_id, tool_input, {"source": "config", "reason": how})
+        return self.auto_deny(turn, name, tool_use_id, tool_input)
 
     def ask(
         self, turn: Turn, name: str, tool_use_id: str, tool_input: dict[str, Any], delay: float
@@ -1882,6 +1919,7 @@ class Sdk:
             "permissions.jsonl",
             jdump({"pid": self.pid, "turn": turn.index, "request_id": pending.id, "tool_name": name}) + b"\n",
         )
+        self.print_tool_uses(turn, delay)
         self.wait(float("inf"), until=lambda: pending.answer is not None or pending.closed)
         self.pending = None
         self.gap("tool", delay)

@@ -317,6 +317,7 @@ TOOLU = re.compile(r"toolu_[0-9a-f]{24}")
 # the recordings' mock magic words, as the fake's knobs (SLOW: see translate)
 MAGIC = (
     ("USE_BASH", "tool=Bash"),
+    ("TWO_BASH", "tool=Bash,Bash"),
     ("ASK_USER", "tool=AskUserQuestion"),
     ("HANG", "hang=1"),
 )
@@ -533,9 +534,10 @@ class FakeSdkModeTests(SynchronousTestCase):
 
     # ---- conformance with the recordings
 
-    def replay(self, name: str) -> None:
+    def replay(self, name: str) -> tuple[SdkProc, list[dict[str, Any]]]:
         """Drive the fake with recording NAME's stdin, in the recording's order relative to its stdout, and
-        hold its stdout, stderr and exit code to the recording's. Thread-safe: own state directory and cwd."""
+        hold its stdout, stderr and exit code to the recording's. Thread-safe: own state directory and cwd.
+        The fake (ended) and the recorded stdout lines, for more checks."""
         state, cwd = os.path.join(self.state, name), os.path.join(self.cwd, name)
         os.makedirs(os.path.join(state, "sessions"))
         os.makedirs(cwd)
@@ -644,6 +646,7 @@ class FakeSdkModeTests(SynchronousTestCase):
         self.assertLessEqual(len(sids), 1, name)
         if (flagged or resumed) and sids:
             self.assertEqual(sids, {(flagged or resumed)[0]}, name)
+        return fake, expected
 
     def test_conformance(self) -> None:
         """For every replayable SDK recording, the fake answers the recorded stdin (magic words as knobs)
@@ -665,6 +668,7 @@ class FakeSdkModeTests(SynchronousTestCase):
             "s02e2_cut_allow_session_rule",
             "s02e3_cut_allow_whole_tool_rule",
             "s02f_cut_bare_allow",
+            "s02g_cut_two_tools",
             "s02h_no_ppt_tool_use",
             "s02i_cut_reinitialize_pending",
             "s03a_interrupt_slow",
@@ -810,6 +814,85 @@ class FakeSdkModeTests(SynchronousTestCase):
             closed, "Tool permission request failed: AbortError: Tool permission stream closed before response received"
         )
         self.assertEqual(fake.results()[0]["subtype"], "success")
+
+    def test_two_tools_in_one_message(self) -> None:
+        """s02g (tool=Bash,Bash), driven by the recording's stdin: the same line kinds in the same order (the
+        first can_use_tool before the second tool_use line, the second only after the first tool_result), two
+        tool_use ids in one message, the recorded inputs, one request per call in order, and a final line and
+        result listing both results; permissions.jsonl and tools.jsonl get one line per call."""
+        fake, expected = self.replay("s02g_cut_two_tools")
+        inputs = []
+        for lines in (fake.lines, expected):
+            blocks = [(x["message"]["id"], c) for x in lines if kind(x) == "assistant" for c in x["message"]["content"]]
+            self.assertEqual(len({msg for msg, _ in blocks[:3]}), 1)  # text and both tool_uses: one message
+            tool_uses = [c for _, c in blocks if c["type"] == "tool_use"]
+            ids = [c["id"] for c in tool_uses]
+            self.assertEqual(len(set(ids)), 2)
+            inputs.append([c["input"] for c in tool_uses])
+            asked = [i for i, x in enumerate(lines) if kind(x) == "control_request/can_use_tool"]
+            ran = [i for i, x in enumerate(lines) if kind(x) == "user"]
+            self.assertLess(ran[0], asked[1])  # the second request only after the first tool_result
+            self.assertEqual([lines[i]["request"]["tool_use_id"] for i in asked], ids)
+            self.assertEqual([lines[i]["message"]["content"][0]["tool_use_id"] for i in ran], ids)
+        self.assertEqual(inputs[0], inputs[1])
+        final = [TOOLU.sub("toolu_X", lines[-2]["message"]["content"][0]["text"]) for lines in (fake.lines, expected)]
+        self.assertEqual(final[0], final[1])
+        state = os.path.join(self.state, "s02g_cut_two_tools")
+        with open(os.path.join(state, "permissions.jsonl"), encoding="utf-8") as f:
+            self.assertEqual([json.loads(line)["tool_name"] for line in f], ["Bash", "Bash"])
+        with open(os.path.join(state, "tools.jsonl"), encoding="utf-8") as f:
+            self.assertEqual([json.loads(line)["input"] for line in f], inputs[1])
+
+    def test_two_tools_deny_interrupt_and_interrupt_pending(self) -> None:
+        """tool=Bash,Bash: a deny + interrupt of the first call ends the turn (aborted_tools, the first call
+        denied) without asking about the second; cmd= is the first Bash's command, the second keeps s02g's.
+        An interrupt while the first request is open cancels it and ends the turn the same way. A first call
+        allowed without asking prints both tool_use lines before its tool_result, then the second is asked."""
+        fake = self.start(*SDK, *STDIO)
+        fake.user("go [[fake tool=Bash,Bash cmd=rm_-rf_build]]")
+        request = fake.wait_kind("control_request/can_use_tool")
+        self.assertEqual(request["request"]["input"], {"command": "rm -rf build", "description": "mock command"})
+        fake.wait_lines(5)
+        second = fake.lines[4]["message"]["content"][0]
+        self.assertEqual(second["input"], {"command": "echo two > two.txt", "description": "write two.txt"})
+        fake.answer(request["request_id"], {"behavior": "deny", "message": "no", "interrupt": True})
+        n = fake.wait_for(lambda x: x.get("type") == "result")
+        self.assertEqual(
+            [kind(x) for x in fake.lines],
+            ["system/init", "assistant", "assistant", "control_request/can_use_tool", "assistant"]
+            + ["user", "user", "result/error_during_execution"],
+        )
+        result = fake.lines[n]
+        self.assertEqual(result["terminal_reason"], "aborted_tools")
+        self.assertEqual([d["tool_use_id"] for d in result["permission_denials"]], [request["request"]["tool_use_id"]])
+
+        fake.user("again [[fake tool=Bash,Bash]]")
+        request = fake.wait_kind("control_request/can_use_tool", n + 1)
+        fake.control("req_1", "interrupt")
+        m = fake.wait_for(lambda x: x.get("type") == "result", n + 1)
+        self.assertEqual(
+            [kind(x) for x in fake.lines[n + 1 :]],
+            ["system/init", "assistant", "assistant", "control_request/can_use_tool", "assistant"]
+            + ["control_cancel_request", "control_response/success", "user", "user", "result/error_during_execution"],
+        )
+        self.assertEqual(fake.lines[n + 6]["request_id"], request["request_id"])
+        self.assertEqual(fake.lines[m]["terminal_reason"], "aborted_tools")
+        self.assertEqual(fake.finish(), (0, ""))
+        self.assertEqual(len(self.state_lines("permissions.jsonl")), 2)
+        self.assertEqual(self.state_lines("tools.jsonl"), [])
+
+        fake = self.start(*SDK, *STDIO, "--allowedTools=Read")
+        fake.user("mixed [[fake tool=Read,Bash]]")
+        request = fake.wait_kind("control_request/can_use_tool")
+        self.assertEqual(
+            [kind(x) for x in fake.lines],
+            ["system/init", "assistant", "assistant", "assistant", "user", "control_request/can_use_tool"],
+        )
+        fake.answer(request["request_id"], {"behavior": "allow"})
+        result = fake.wait_kind("result/success")
+        self.assertEqual((result["num_turns"], result["permission_denials"]), (3, []))
+        self.assertEqual(fake.finish(), (0, ""))
+        self.assertEqual([t["tool_name"] for t in self.state_lines("tools.jsonl")], ["Read", "Bash"])
 
     def test_tool_allowed_without_asking(self) -> None:
         """A tool named in --allowedTools (=VALUE, repeated, or the variadic form ended by --) or any tool
