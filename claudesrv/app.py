@@ -25,8 +25,10 @@ from claudesrv.approvals import parse_answer
 from claudesrv.command import ClaudeRequest, is_canonical_uuid, parse_request
 from claudesrv.errors import ApiError, error_body, json_body, session_busy, unknown_session
 from claudesrv.live import Turn
-from claudesrv.openapi import OPENAPI
+from claudesrv.openapi import openapi_document
+from claudesrv.policy import TurnPolicy
 from claudesrv.registry import Busy, QueueFull, SessionRegistry
+from claudesrv.schema import BodyLimits
 from claudesrv.sessions import Readiness, Sessions
 from claudesrv.store import SessionGroup, SessionStore
 from claudesrv.workspaces import WorkspaceError, Workspaces
@@ -100,20 +102,16 @@ class ClaudeAPI:
 
     def __init__(self, live: SessionRegistry, store: SessionStore, workspaces: Workspaces,
                  cli: ClaudeExecutable, sessions: Sessions, readiness: Readiness, metrics: CollectorRegistry,
-                 max_prompt: int = 1 << 20, skip_permissions: str = "allow", as_root: bool = False,
-                 sandboxed: bool = False, approvals: str = "allow") -> None:
+                 policy: TurnPolicy | None = None, body_limits: BodyLimits | None = None) -> None:
         self.live = live
         self.sessions = sessions
         self.readiness = readiness
         self.collectors = metrics
-        self.skip_permissions = skip_permissions
-        self.approvals = approvals
-        self.as_root = as_root
-        self.sandboxed = sandboxed
+        self.policy = policy or TurnPolicy()
+        self.body_limits = body_limits or BodyLimits()
         self.store = store
         self.workspaces = workspaces
         self.cli = cli
-        self.max_prompt = max_prompt
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -124,12 +122,7 @@ class ClaudeAPI:
     def claude(self, request: IRequest) -> Any:
         """Start or resume a session; the answer is the CLI's stream as Server-Sent Events."""
         assert request.content is not None
-        turn = parse_request(request.content.read(), self.max_prompt)
-        if turn.options.skip_permissions:
-            self._check_skip_permissions()
-        if turn.approvals and self.approvals == "deny":
-            raise ApiError(403, "approvals_denied", "this server does not ask people about tools (--approvals deny); "
-                                                    "pre-approve them with allowedTools", "approvals")
+        turn = self.policy.apply(parse_request(request.content.read(), self.body_limits))
         if self.cli.find() is None:
             raise ApiError(503, "cli_not_found", f"the Claude CLI {self.cli.name!r} was not found: {INSTALL_HINT}")
         if turn.session_id is None:
@@ -140,17 +133,6 @@ class ClaudeAPI:
         d: Deferred[Any] = self.store.lookup(turn.session_id)
         d.addCallback(self._resume, request, turn)
         return d
-
-    def _check_skip_permissions(self) -> None:
-        if self.skip_permissions == "deny":
-            raise ApiError(403, "skip_permissions_denied",
-                           "this server does not allow dangerously-skip-permissions (--skip-permissions deny)",
-                           "dangerously-skip-permissions")
-        if self.as_root and not self.sandboxed:
-            raise ApiError(403, "skip_permissions_as_root",
-                           "the daemon runs as root, and the Claude CLI refuses --dangerously-skip-permissions "
-                           "as root; run the daemon as another user, or, only inside a container or VM, start it "
-                           "with --sandboxed", "dangerously-skip-permissions")
 
     def _resume(self, stored: str | None, request: IRequest, turn: ClaudeRequest) -> Any:
         if stored is None:
@@ -318,7 +300,12 @@ class ClaudeAPI:
 
     @app.route("/api/sessions/<session_id>", methods=["GET"])
     def get_session(self, request: IRequest, session_id: str) -> Any:
-        return self._group(session_id).addCallback(lambda g: json_body(request, 200, self._item(g)))
+        """One session: its ids, times, live state (with the options its process runs with) and what it cost."""
+        def answer(group: SessionGroup) -> Deferred[bytes]:
+            d = self.store.usage(group.session_ids)
+            return d.addCallback(lambda usage: json_body(request, 200, {**self._item(group), "usage": usage}))
+
+        return self._group(session_id).addCallback(answer)
 
     @app.route("/api/sessions/<session_id>", methods=["DELETE"])
     def delete_session(self, request: IRequest, session_id: str) -> Any:
@@ -372,7 +359,7 @@ class ClaudeAPI:
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
-        return json_body(request, 200, OPENAPI)
+        return json_body(request, 200, openapi_document(self.body_limits))
 
     # ------------------------------------------------------------------ errors
 

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -126,6 +126,7 @@ class Turn:
         self.output_seen = False
         self.began = False
         self.lines = 0
+        self.usage: dict[str, dict[str, float]] = {}  # model -> cost_usd and tokens, from its result
         self.accepted_at = self.last_stdout = now
 
 
@@ -143,6 +144,8 @@ class LiveSession:
         self.state = COLD
         self.process: CliProcess | None = None
         self.options: SpawnOptions | None = None
+        self.model: str | None = None  # what the live process runs with now (None: the CLI's default)
+        self.permission_mode = "default"
         self.turn: Turn | None = None
         self.marker = b""
         self.last_used = self.clock.seconds()
@@ -171,13 +174,14 @@ class LiveSession:
 
     # ---------------------------------------------------------------- the process
 
-    def spawn(self, options: SpawnOptions) -> None:
+    def spawn(self, options: SpawnOptions, model: str | None = None, permission_mode: str = "default") -> None:
         """
         Start the CLI: resume the session if the CLI knows it, else create it under our id. Raises what
         the spawn raised (the session stays cold). A spare is sent ``initialize`` so that it does its
         start-up now and says when it is ready; a process started for a waiting turn gets the turn.
         """
         self.marker = b"CLAUDESRV_RUN_ID=" + uuid.uuid4().hex.encode()
+        self.model, self.permission_mode = model, permission_mode
         self.process = self.host.spawn_cli(self, options, self.known_to_cli)
         self._move("spawn")
         self.options = options
@@ -247,10 +251,47 @@ class LiveSession:
         turn.state = "running"
         turn.began = True
         turn.last_stdout = self.clock.seconds()
-        self.process.send(command.user_message(turn.request.prompt))
+        self._configure(turn)
         limits = self.host.limits
         self.timers.set_if("run_timeout", limits.run_timeout, lambda: self.interrupt("timeout", "run"))
         self.timers.set_if("idle", limits.idle_timeout, self._idle_check)
+
+    def _configure(self, turn: Turn) -> None:
+        """Switch the warm process to the turn's model and permission mode (control requests, answered in
+        milliseconds), then write the turn's message. The process's own options were chosen at spawn."""
+        assert self.process is not None
+        request = turn.request
+        changes = []
+        if request.model != self.model:
+            fields = {"model": request.model} if request.model else {}  # none: back to the CLI's default
+            changes.append(self.process.request("set_model", **fields).addCallback(
+                self._changed, "model", request.model))
+        if request.permission_mode and request.permission_mode != self.permission_mode:
+            changes.append(self.process.request("set_permission_mode", mode=request.permission_mode).addCallback(
+                self._changed, "permission_mode", request.permission_mode))
+        if not changes:
+            self.process.send(command.user_message(request.prompt))
+            return
+        gatherResults(changes).addCallback(self._configured, turn)
+
+    def _changed(self, response: dict[str, Any], name: str, value: str | None) -> str | None:
+        """A set_model or set_permission_mode answered: what the process runs with now, or why it refused."""
+        if response.get("subtype") == "success":
+            setattr(self, name, value)
+            return None
+        return f"{name} {value!r}: {response.get('error')}"
+
+    def _configured(self, refusals: list[str | None], turn: Turn) -> None:
+        if self.turn is not turn or self.process is None or self.process.ended:
+            return  # the process died meanwhile: its turn ends with its synthetic result
+        refused = [r for r in refusals if r]
+        if refused:
+            self.write_error_result(turn, f"the Claude CLI refused the turn's {refused[0]}", "invalid_option")
+            return
+        if turn.stop_reason is not None:  # stopped before its message was written
+            self.write_error_result(turn, "the turn was stopped before it began", turn.stop_reason)
+            return
+        self.process.send(command.user_message(turn.request.prompt))
 
     def _idle_check(self) -> None:
         turn = self.turn
@@ -324,6 +365,7 @@ class LiveSession:
             if i:
                 self.log.append_lines(lines[:i])
             turn.lines += i + 1
+            turn.usage = usage_of(result)
             self.log.append(self._rewrite(turn, line, result))
             self._end_turn()
             if i + 1 < len(lines):
@@ -470,6 +512,24 @@ class LiveSession:
         waiters, self.on_gone = self.on_gone, []
         for d in waiters:
             d.callback(None)
+
+
+USAGE_KEYS = {"costUSD": "cost_usd", "inputTokens": "input_tokens", "outputTokens": "output_tokens",
+              "cacheReadInputTokens": "cache_read_tokens", "cacheCreationInputTokens": "cache_creation_tokens"}
+
+
+def usage_of(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """A turn's cost and tokens by model, from its result: ``model_usage_since_last_result`` (the process's
+    ``modelUsage`` counts from its start, so it is the turn's only for a CLI without the former)."""
+    by_model = result.get("model_usage_since_last_result")
+    if not isinstance(by_model, dict):
+        by_model = result.get("modelUsage")
+    usage: dict[str, dict[str, float]] = {}
+    for model, figures in (by_model or {}).items():
+        if isinstance(figures, dict):
+            usage[str(model)] = {ours: float(figures.get(theirs) or 0) for theirs, ours in USAGE_KEYS.items()
+                                 if isinstance(figures.get(theirs, 0), (int, float))}
+    return usage
 
 
 def _result_of(line: bytes) -> dict[str, Any] | None:

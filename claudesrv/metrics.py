@@ -68,6 +68,16 @@ class RegistryCollector:
         yield decisions
         yield GaugeMetricFamily("claudesrv_permissions_pending", "Tool approval requests waiting for a person.",
                                 value=len(r.approvals.pending))
+        cost = CounterMetricFamily("claudesrv_cost_usd", "What turns cost, by model (from the CLI's results).",
+                                   labels=["model"])
+        tokens = CounterMetricFamily("claudesrv_tokens", "Tokens used by turns, by model and kind.",
+                                     labels=["model", "kind"])
+        for model, figures in sorted(c.usage.items()):
+            cost.add_metric([model], figures.get("cost_usd", 0))
+            for kind in ("input", "output", "cache_read", "cache_creation"):
+                tokens.add_metric([model, kind], figures.get(f"{kind}_tokens", 0))
+        yield cost
+        yield tokens
         yield CounterMetricFamily("claudesrv_relayed_bytes", "SSE bytes written to clients.", value=c.bytes_relayed)
         yield CounterMetricFamily("claudesrv_relayed_lines", "CLI lines logged as events.", value=c.lines_logged)
 

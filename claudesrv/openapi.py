@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any
+
+from claudesrv.schema import BodyLimits, turn_schema
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -22,8 +26,8 @@ _COMMON = (401, 403, 405, 429)
 _SESSION_ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 _SESSION = {"$ref": "#/components/schemas/Session"}
 
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.0.3",
+_DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
     "info": {"title": "claudesrv", "version": "0.1.0",
              "description": "The Claude Code CLI behind HTTP: each turn streams the CLI's stream-json lines as SSE."},
     "components": {
@@ -34,16 +38,7 @@ OPENAPI: dict[str, Any] = {
                 "properties": {"code": {"type": "string"}, "message": {"type": "string"},
                                "field": {"type": "string"},
                                "resolution": {"type": "object", "description": "already_resolved: how"}}}}},
-            "Turn": {"type": "object", "required": ["prompt"], "additionalProperties": False, "properties": {
-                "prompt": {"type": "string", "minLength": 1},
-                "session_id": {"type": "string", "format": "uuid"},
-                "dangerously-skip-permissions": {"type": "boolean"},
-                "allowedTools": {"type": "array", "items": {"type": "string", "minLength": 1}},
-                "disallowedTools": {"type": "array", "items": {"type": "string", "minLength": 1}},
-                "detach": {"type": "boolean", "description": "keep the turn running if the client goes away"},
-                "approvals": {"type": "boolean", "description": "ask over HTTP (permission_request events) "
-                                                                "about tools that need approval, instead of "
-                                                                "denying them"}}},
+            "Turn": "the request body's schema, per daemon (its size limits)",
             "PermissionAnswer": {"type": "object", "required": ["behavior"], "additionalProperties": False,
                                  "properties": {
                 "behavior": {"type": "string", "enum": ["allow", "deny"]},
@@ -66,11 +61,18 @@ OPENAPI: dict[str, Any] = {
                 "workspace": {"type": "string"}, "created_at": {"type": "string"},
                 "last_used_at": {"type": "string"}, "running": {"type": "boolean"},
                 "state": {"type": "string", "enum": ["cold", "starting", "idle", "running", "stopping"]},
-                "pid": {"type": "integer", "nullable": True}, "last_event_id": {"type": "integer"},
+                "pid": {"type": ["integer", "null"]}, "last_event_id": {"type": "integer"},
                 "queued": {"type": "boolean"},
                 "pending_permissions": {"type": "array", "description": "permission_request events that wait "
                                                                        "for an answer",
-                                        "items": {"type": "object"}}}},
+                                        "items": {"type": "object"}},
+                "live_options": {"type": ["object", "null"], "description": "what its live process runs with: "
+                                                                            "model, permission_mode and the "
+                                                                            "options that differ from a plain start"},
+                "usage": {"type": "object", "description": "GET of one session: what its turns cost in all",
+                          "properties": {name: {"type": "number"} for name in (
+                              "turns", "cost_usd", "input_tokens", "output_tokens", "cache_read_tokens",
+                              "cache_creation_tokens")}}}},
         },
     },
     "security": [{"bearer": []}],
@@ -91,7 +93,7 @@ OPENAPI: dict[str, Any] = {
                            {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
             "responses": {"200": {"description": "A page", "content": {"application/json": {"schema": {
                 "type": "object", "properties": {"sessions": {"type": "array", "items": _SESSION},
-                                                 "next_cursor": {"type": "string", "nullable": True}}}}}},
+                                                 "next_cursor": {"type": ["string", "null"]}}}}}},
                           **_errors(400, *_COMMON)}}},
         "/api/sessions/{session_id}": {
             "get": {"summary": "One session", "parameters": [_SESSION_ID],
@@ -139,3 +141,14 @@ OPENAPI: dict[str, Any] = {
                                   "responses": {"200": {"description": "OpenAPI 3"}, **_errors(*_COMMON)}}},
     },
 }
+
+
+@functools.lru_cache(maxsize=4)
+def openapi_document(limits: BodyLimits) -> dict[str, Any]:
+    """The document, with the request body's schema exactly as requests are validated by it."""
+    document = copy.deepcopy(_DOCUMENT)
+    document["components"]["schemas"]["Turn"] = turn_schema(limits)
+    return document
+
+
+OPENAPI = openapi_document(BodyLimits())

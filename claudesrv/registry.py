@@ -56,6 +56,7 @@ class Counters:
     spawns: int = 0
     bytes_relayed: int = 0
     lines_logged: int = 0
+    usage: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> cost_usd and tokens, summed
 
 
 def _bump(counts: dict[str, int], key: str) -> None:
@@ -82,6 +83,7 @@ class SessionRegistry:
         self.killpg = killpg
         self.blocking = blocking  # file-system work off the reactor thread (inline in tests)
         self.counters = Counters()
+        self.plain_turn = ClaudeRequest(prompt="")  # what a new session that asks for nothing runs with
         self.sessions: dict[str, LiveSession] = {}
         self.spares: list[LiveSession] = []
         self.live: set[LiveSession] = set()
@@ -135,7 +137,9 @@ class SessionRegistry:
         log_ = self.logs.get(session_id) or EventLog.open(os.path.join(self.events_dir, session_id), 0)
         return {"state": state, "pid": session.pid if session is not None else None,
                 "last_event_id": log_.last_seq, "queued": turn is not None and turn.state == "queued",
-                "pending_permissions": self.approvals.waiting(session) if session is not None else []}
+                "pending_permissions": self.approvals.waiting(session) if session is not None else [],
+                "live_options": None if session is None or session.options is None else {
+                    **session.options.shown(), "model": session.model, "permission_mode": session.permission_mode}}
 
     def live_by_state(self) -> dict[str, int]:
         counts = {STARTING: 0, IDLE: 0, RUNNING: 0, STOPPING: 0}
@@ -266,7 +270,7 @@ class SessionRegistry:
         else:
             turn.kind = "cold"
             try:
-                session.spawn(options)
+                session.spawn(options, turn.request.model, turn.request.permission_mode or "default")
             except Exception as e:
                 self.queue.popleft()
                 if not isinstance(e, OSError):
@@ -310,7 +314,8 @@ class SessionRegistry:
                                 spare=True)
             spare.log.begin_turn(now=True)  # its folder and first segment now, not when a client waits
             try:
-                spare.spawn(SpawnOptions())  # a new session that asks for nothing special
+                plain = self.plain_turn  # a new session that asks for nothing special
+                spare.spawn(plain.options, plain.model, plain.permission_mode or "default")
             except Exception as e:
                 log.error("could not start a spare CLI: {error}", error=str(e))
                 spare.log.destroy()
@@ -323,7 +328,8 @@ class SessionRegistry:
 
     def spawn_cli(self, session: LiveSession, options: SpawnOptions, resume: bool) -> CliProcess:
         limits = self.limits
-        argv = build_argv(self.executable(), options, session.session_id, resume, limits.deny_tools)
+        argv = build_argv(self.executable(), options, session.session_id, resume, limits.deny_tools,
+                          session.model, session.permission_mode)
         env = build_env(self.environ, session.marker.split(b"=", 1)[1].decode(), limits.sandboxed)
         process = CliProcess(session, limits.max_line, self.killpg)
         self.spawn(process, argv, env, session.workspace)
@@ -367,12 +373,19 @@ class SessionRegistry:
         self.clock.callLater(0, self.clock.callLater, 0, fn, *args)
 
     def _after_turn(self, session: LiveSession, turn: Turn) -> None:
+        cost = sum(u.get("cost_usd", 0) for u in turn.usage.values())
+        tokens = {m: int(u.get("input_tokens", 0) + u.get("output_tokens", 0)) for m, u in turn.usage.items()}
         log.info("turn {turn_id} session {session_id}: {outcome}, {kind}, exit {exit_code} signal {signal}, "
-                 "{duration:.3f}s, {lines} lines", turn_id=turn.turn_id, session_id=turn.session_id,
-                 outcome=turn.outcome, kind=turn.kind, exit_code=turn.exit_code, signal=turn.signal,
-                 duration=self.clock.seconds() - turn.accepted_at, lines=turn.lines)
+                 "{duration:.3f}s, {lines} lines, ${cost_usd:.6f}, tokens {tokens}", turn_id=turn.turn_id,
+                 session_id=turn.session_id, outcome=turn.outcome, kind=turn.kind, exit_code=turn.exit_code,
+                 signal=turn.signal, duration=self.clock.seconds() - turn.accepted_at, lines=turn.lines,
+                 cost_usd=cost, tokens=tokens, usage=turn.usage)
+        for model, figures in turn.usage.items():
+            counted = self.counters.usage.setdefault(model, {})
+            for name, value in figures.items():
+                counted[name] = counted.get(name, 0) + value
         if not session.forgotten:
-            self.store.touch(turn.session_id).addErrback(
+            self.store.touch(turn.session_id, turn.usage).addErrback(
                 lambda f: log.failure("could not mark session {sid} used", f, sid=turn.session_id))
         self._dispatch()
         self._fill_spares()

@@ -41,6 +41,25 @@ CREATE TABLE IF NOT EXISTS remembered_tools (
 )
 """
 
+# what a session's turns cost, summed (from each result's per-turn usage)
+USAGE = """
+CREATE TABLE IF NOT EXISTS session_usage (
+    claude_session_id TEXT PRIMARY KEY REFERENCES sessions(claude_session_id) ON DELETE CASCADE,
+    turns INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_read_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_creation_tokens INTEGER NOT NULL DEFAULT 0
+)
+"""
+TOKEN_KINDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")
+ADD_USAGE = (
+    f"INSERT INTO session_usage (claude_session_id, turns, cost_usd, {', '.join(TOKEN_KINDS)}) "
+    "VALUES (?, 1, ?, ?, ?, ?, ?) ON CONFLICT(claude_session_id) DO UPDATE SET turns = turns + 1, "
+    "cost_usd = cost_usd + excluded.cost_usd, "
+    + ", ".join(f"{k} = {k} + excluded.{k}" for k in TOKEN_KINDS))
+
 
 GROUPS = (
     "SELECT workspace_path, MIN(created_at), MAX(last_used_at) AS last, MAX(rid) AS newest, "
@@ -134,6 +153,13 @@ RECORD = ("INSERT INTO sessions (claude_session_id, workspace_path, created_at, 
           "ON CONFLICT(claude_session_id) DO UPDATE SET last_used_at = excluded.last_used_at")
 
 
+def _turn_ended(cursor: Any, session_id: str, now: str, usage: dict[str, dict[str, float]]) -> None:
+    cursor.execute("UPDATE sessions SET last_used_at = ? WHERE claude_session_id = ?", (now, session_id))
+    if usage and cursor.rowcount:
+        sums = [sum(u.get(k, 0) for u in usage.values()) for k in ("cost_usd", *TOKEN_KINDS)]
+        cursor.execute(ADD_USAGE, (session_id, *sums))
+
+
 def _query(cursor: Any, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
     cursor.execute(sql, params)
     return list(cursor.fetchall())
@@ -163,6 +189,7 @@ class SessionStore:
         """Create the tables if needed (the seed's sessions table unchanged)."""
         yield self._execute(SCHEMA)
         yield self._execute(REMEMBERED)
+        yield self._execute(USAGE)
         yield self._execute("CREATE INDEX IF NOT EXISTS sessions_workspace ON sessions(workspace_path)")
 
     def close(self) -> None:
@@ -182,9 +209,17 @@ class SessionStore:
         d = self._query("SELECT workspace_path FROM sessions WHERE claude_session_id = ?", session_id)
         return d.addCallback(lambda rows: rows[0][0] if rows else None)
 
-    def touch(self, session_id: str) -> Deferred[None]:
-        return self._execute("UPDATE sessions SET last_used_at = ? WHERE claude_session_id = ?",
-                             self.now(), session_id)
+    def touch(self, session_id: str, usage: dict[str, dict[str, float]] | None = None) -> Deferred[None]:
+        """Mark the session used (a turn ended), adding what the turn cost (per model) to its sums."""
+        return self.db.run(_turn_ended, session_id, self.now(), usage or {})
+
+    def usage(self, session_ids: list[str]) -> Deferred[dict[str, float]]:
+        """What these ids' turns cost in all: turns, cost_usd and tokens by kind."""
+        marks = ", ".join("?" * len(session_ids))
+        d = self._query(f"SELECT SUM(turns), SUM(cost_usd), {', '.join(f'SUM({k})' for k in TOKEN_KINDS)} "
+                        f"FROM session_usage WHERE claude_session_id IN ({marks})", *session_ids)
+        names = ("turns", "cost_usd", *TOKEN_KINDS)
+        return d.addCallback(lambda rows: {n: (v or 0) for n, v in zip(names, rows[0], strict=True)})
 
     def groups(self, limit: int, offset: int) -> Deferred[list[SessionGroup]]:
         """Sessions grouped by workspace (a resumed session that got a new id is one group),

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Mapping
 from typing import Any
@@ -30,8 +31,10 @@ from claudesrv.guard import (
 )
 from claudesrv.live import Limits
 from claudesrv.metrics import registry_for
+from claudesrv.policy import TurnPolicy
 from claudesrv.process import spawner
 from claudesrv.registry import SessionRegistry
+from claudesrv.schema import MODEL_PATTERN, BodyLimits
 from claudesrv.sessions import Readiness, Sessions
 from claudesrv.store import PooledSqlite, SessionStore
 from claudesrv.workspaces import Workspaces
@@ -81,10 +84,19 @@ class Options(usage.Options):
                                            "go first.", _positive],
         ["on-disconnect", None, "cancel", "What a turn does when its client goes away: cancel (interrupt "
                                           "it) or continue (its events stay in the log).", str],
-        ["max-prompt", None, 1 << 20, "Largest prompt in bytes.", _positive],
+        ["max-prompt", None, 1 << 20, "Largest prompt in bytes (its text).", _positive],
+        ["max-system-prompt", None, 64 << 10, "Largest system_prompt or append_system_prompt in bytes.", _positive],
+        ["max-image-bytes", None, 5 << 20, "Largest image in a prompt, in bytes (decoded).", _positive],
+        ["default-model", None, None, "The model of turns that name none (default: the CLI's)."],
+        ["max-budget-usd", None, None, "The most a turn may spend (max_budget_usd), and what a turn that sets "
+                                       "no budget gets.", float],
+        ["max-turns-limit", None, None, "The most model turns a turn may take (max_turns), and what a turn that "
+                                        "sets no limit gets.", _positive],
+        ["allow-system-prompt", None, "yes", "yes, append (only append_system_prompt) or no: whether requests may "
+                                             "set the system prompt."],
         ["http-timeout", None, 60.0, "Seconds an HTTP connection may sit idle or send its request slowly "
                                      "before it is closed (open streams are not cut).", _seconds],
-        ["max-body", None, 2 << 20, "Largest request body in bytes (413 beyond).", _positive],
+        ["max-body", None, 32 << 20, "Largest request body in bytes (413 beyond; images count).", _positive],
         ["auth-token-file", None, None, "File of bearer tokens, one a line (re-read on SIGHUP). Tokens can "
                                         "also come from the CLAUDESRV_AUTH_TOKENS environment variable "
                                         "(comma-separated); never from the command line."],
@@ -108,6 +120,7 @@ class Options(usage.Options):
         self["cors-origin"] = []
         self["deny-tool"] = []
         self["allow-input-edits"] = []
+        self["allow-model"] = []
         self["tokens"] = []
 
     def opt_allowed_host(self, host: str) -> None:
@@ -129,6 +142,10 @@ class Options(usage.Options):
         into rm."""
         self["allow-input-edits"].append(tool)
 
+    def opt_allow_model(self, pattern: str) -> None:
+        """A model (or a glob such as claude-sonnet-*) that requests may ask for (repeatable; default: any)."""
+        self["allow-model"].append(pattern)
+
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:3000:interface=127.0.0.1 (repeatable;
         default tcp:3000:interface=127.0.0.1)."""
@@ -149,6 +166,14 @@ class Options(usage.Options):
             raise usage.UsageError("--skip-permissions must be allow or deny")
         if self["approvals"] not in ("allow", "deny"):
             raise usage.UsageError("--approvals must be allow or deny")
+        if self["allow-system-prompt"] not in ("yes", "append", "no"):
+            raise usage.UsageError("--allow-system-prompt must be yes, append or no")
+        model = self["default-model"]
+        if model is not None and not re.match(MODEL_PATTERN, model):
+            raise usage.UsageError(f"--default-model {model!r} is not a model name")
+        budget = self["max-budget-usd"]
+        if budget is not None and not 0 < budget <= 1_000_000:
+            raise usage.UsageError("--max-budget-usd must be more than 0")
         if not self["allow-input-edits"]:
             self["allow-input-edits"] = ["AskUserQuestion"]
         self["tokens"] = load_tokens(self["auth-token-file"], os.environ)
@@ -258,10 +283,17 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     live = SessionRegistry(reactor, spawner(reactor), store, workspaces, cli.path, environ, limits,
                            os.path.join(data_dir, "events"))
     sessions = Sessions(store, workspaces, live, environ)
+    turn_policy = TurnPolicy(
+        skip_permissions=options["skip-permissions"], as_root=os.geteuid() == 0, sandboxed=bool(options["sandboxed"]),
+        approvals=options["approvals"], allow_models=tuple(options["allow-model"]),
+        default_model=options["default-model"], max_budget_usd=options["max-budget-usd"],
+        max_turns_limit=options["max-turns-limit"], allow_system_prompt=options["allow-system-prompt"])
+    live.plain_turn = turn_policy.defaults()
     metrics, http_metrics = registry_for(live)
+    body_limits = BodyLimits(max_prompt=options["max-prompt"], max_system_prompt=options["max-system-prompt"],
+                             max_image_bytes=options["max-image-bytes"])
     api = ClaudeAPI(live, store, workspaces, cli, sessions, Readiness(store, workspaces, live, cli), metrics,
-                    max_prompt=options["max-prompt"], skip_permissions=options["skip-permissions"],
-                    as_root=os.geteuid() == 0, sandboxed=bool(options["sandboxed"]), approvals=options["approvals"])
+                    policy=turn_policy, body_limits=body_limits)
     policy = Policy(
         tokens=options["tokens"],
         loopback_only=all(is_loopback_listener(d) for d in options["listen"]),

@@ -22,8 +22,11 @@ Arguments, parsed the way the real CLI's commander parser does
 (text|stream-json), ``-r/--resume [ID]``, ``--fork-session``, ``--dangerously-skip-permissions``,
 ``--permission-mode MODE``, ``--allowedTools/--allowed-tools`` and ``--disallowedTools/--disallowed-tools``
 (VARIADIC: every following argument that does not start with ``-`` is one more value; ``--opt=value`` takes
-exactly one value), ``--model X``, ``--max-turns N``, ``--include-partial-messages``,
-``--permission-prompt-tool TOOL`` (print mode ignores it), ``--session-id UUID`` (below), ``-v/--version``
+exactly one value), ``--model X``, ``--max-turns N``, ``--max-budget-usd X``, ``--include-partial-messages``,
+``--effort LEVEL`` (low|medium|high|xhigh|max), ``--system-prompt TEXT``, ``--append-system-prompt TEXT``,
+``--system-prompt-snapshot on|off``, ``--json-schema JSON`` (these seven: print mode checks and ignores them;
+``replay=i1_partial_messages`` and ``replay=i6_max_turns_1_tool`` show their recorded output; SDK mode acts on them,
+below), ``--permission-prompt-tool TOOL`` (print mode ignores it), ``--session-id UUID`` (below), ``-v/--version``
 (prints ``2.1.330 (Claude Code)``, exit 0), ``-h/--help`` (the real help text of recording
 e1_prompt_dashdash_help, exit 0, also when it stands where a prompt was meant), ``--`` (everything after it
 is an operand). ``--opt=value`` and ``-rVALUE`` work as in commander. The prompt is the first operand;
@@ -33,6 +36,13 @@ Errors, with the real CLI's texts (nothing on stdout):
   unknown option                 ``error: unknown option '<opt>'``, exit 1
   option value missing           ``error: option '<flags>' argument missing``, exit 1
   value not among the choices    ``error: option '<flags>' argument '<v>' is invalid. Allowed ...``, exit 1
+                                 (--output-format, --input-format, --permission-mode, --system-prompt-snapshot;
+                                 --effort too, a guess: its help lists the levels, not as commander "choices")
+  --max-turns not an integer > 0, --max-budget-usd not a number > 0   (guessed texts, commander's form for a
+                                 refused value) ``error: option '--max-turns <turns>' argument '<v>' is invalid.
+                                 --max-turns must be a positive integer`` (``--max-budget-usd must be a positive
+                                 number``), exit 1
+  --json-schema not a JSON object  ``Error: Invalid JSON in --json-schema: <why>``, exit 1 (a guess)
   stream-json without --verbose  ``Error: When using --print, --output-format=stream-json requires --verbose``
   no prompt at all               ``Error: Input must be provided either through stdin or as a prompt ...``,
                                  preceded by ``"<v>" was read as a value of --allowedTools, not as a
@@ -145,7 +155,17 @@ Selected by ``--input-format stream-json`` without ``-p``; needs ``--output-form
 print-mode message), as the real CLI does. A daemon starts it as::
 
     fake_claude.py --output-format stream-json --verbose --input-format stream-json --permission-prompt-tool stdio
-        (--session-id=<uuid> | --resume=<uuid>) [--dangerously-skip-permissions] [--allowedTools=X ...]
+        (--session-id=<uuid> | --resume=<uuid>) [--dangerously-skip-permissions] [--model=M] [--permission-mode=P]
+        [--effort=L] [--system-prompt=T] [--append-system-prompt=T] [--system-prompt-snapshot=on|off]
+        [--max-turns=N] [--max-budget-usd=X] [--json-schema=JSON] [--include-partial-messages]
+        [--allowedTools X ...] [--disallowedTools X ...] --
+
+Values given with ``=`` may start with ``-`` (``--system-prompt=-You are terse.``), as in commander. ``--model``
+sets system/init's and the assistant lines' model (aliases as set_model resolves them), ``--permission-mode`` the
+mode. ``--effort``, ``--system-prompt``, ``--append-system-prompt`` and ``--system-prompt-snapshot`` change nothing
+in the replies; like ``--max-turns``, ``--max-budget-usd``, ``--json-schema`` (parsed) and
+``--include-partial-messages`` they are shown in system/init's ``fake`` key and turns.jsonl (None/false when not
+given). What the others do is under "A turn".
 
 Every stdout line is a recorded line (so its keys and their order are the real CLI's) with this process's
 session id, pid, cwd, model and permission mode, fresh ``uuid``s and timestamps, written with one os.write.
@@ -184,7 +204,9 @@ stdin, one JSON object per line
   control_response  the host's answer to the open can_use_tool request (same request_id); answers to other
                     ids (e.g. a request that was cancelled) are ignored (s02d)
   user              ``{"type":"user","message":{"role":"user","content":C},...}``: a turn. C is a string or a
-                    list of content blocks (its text blocks joined by "\\n"). Messages that arrive while a turn
+                    list of content blocks: its text blocks joined by "\\n" are the prompt (the reply is computed
+                    from them alone); image blocks (``{"type":"image","source":{"type":"base64","media_type":M,
+                    "data":...}}``) are recorded as their media types (``images``). Messages that arrive while a turn
                     runs are queued, and all of them run as ONE next turn, texts joined by "\\n" (s04a,
                     s04b). A message with a ``uuid`` gets top-level ``command_lifecycle`` lines (queued,
                     started, completed or cancelled) and ``user_message_uuid(s)`` keys in its turn's lines
@@ -194,12 +216,41 @@ A turn
   ``system/init`` (s01's; with ``--permission-prompt-tool stdio`` s02a's, whose tools add AskUserQuestion,
   EnterPlanMode and ExitPlanMode; --disallowedTools names taken out; a model outside the recorded model list
   gets the task tools s05 shows for claude-haiku-4-5), plus the key ``"fake": {"prompt", "argv" (the whole
-  argv), "pid", "turn" (0, 1, ...)}``; the assistant line(s); the ``result`` (s01's keys; the line does not
-  start with "type"; ``result_index`` 0, 1, 2 ... per process; ``total_cost_usd`` and ``modelUsage``
-  cumulative per process, ``model_usage_since_last_result`` per turn, 0.010664 per model call; ``num_turns``
-  the model calls). The reply is what the recordings' mock API answered: ``MOCK-REPLY: <prompt> [len=N
-  sha256=<16 hex>]``, where the prompt after an aborted_streaming turn starts with
+  argv), "pid", "turn" (0, 1, ...), the spawn options as in turns.jsonl, "images"}``; the assistant line(s);
+  the ``result`` (s01's keys; the line does not start with "type"; ``result_index`` 0, 1, 2 ... per process;
+  ``total_cost_usd`` and ``modelUsage`` cumulative per process, ``model_usage_since_last_result`` per turn,
+  0.010664 per model call; ``num_turns`` the model calls). The reply is what the recordings' mock API answered:
+  ``MOCK-REPLY: <prompt> [len=N sha256=<16 hex>]``, where the prompt after an aborted_streaming turn starts with
   ``[Request interrupted by user]\\n\\n`` (s03a). Each turn started is appended to turns.jsonl.
+
+--include-partial-messages (s03b_interrupt_hang_partial; i1_partial_messages in print mode): a ``system/status``
+``requesting`` line (s03b's) before each model call, and around every assistant line of a model reply the
+``stream_event`` lines s03b shows: ``message_start`` before the message's first block (message id = the assistant
+lines' id = every event's ``api_message_id``), ``content_block_start`` and the block's ``content_block_delta``
+lines before its assistant line (text in 40-character ``text_delta`` pieces, as the recordings' mock API sent
+them), ``content_block_stop`` after it, and after the message's last block ``message_delta`` (``stop_reason``
+end_turn, or tool_use for a tool message) and ``message_stop``. Each result gets ``begun_message_ids`` (the
+turn's message ids, after ``uuid``). hang=1 streams the first piece, then hangs; its interrupt gives s03b's
+ending: the aborted assistant line holds what was streamed, then the interrupted user line,
+``content_block_stop``, s03b's aborted ``message_delta`` and a ``message_stop`` with ``abandoned_blocks``
+``{api_message_id, from_block_index}``, then the result. Generated lines (lines=, giant=) get no events. Without
+the flag: no status and no stream_event lines (s01).
+
+--max-turns=N: a turn that needs more model calls than N (a tool turn needs 2, so only N=1 matters) runs its
+first call and its tools, then ends with i6_max_turns_1_tool's result line (print mode; SDK mode is not
+recorded): ``subtype: "error_max_turns"``, ``is_error: true``, ``terminal_reason: "max_turns"``, ``stop_reason:
+"tool_use"``, ``errors: ["Reached maximum number of turns (N)"]``, no ``result`` key, ``num_turns`` 1 + one per
+tool call, the cost of one call. The process stays for the next turn.
+
+--max-budget-usd=X (a guess throughout): when the process's total_cost_usd with this turn's model calls so far
+exceeds X after a model call, the turn ends with the same line as error_max_turns, but ``subtype:
+"error_max_budget_usd"``, ``terminal_reason: "max_budget_usd"``, ``errors: ["Reached maximum budget ($X)"]``,
+``is_error: true``; after the first call of a tool turn, its tools do not run. The process stays.
+
+--json-schema=JSON (a guess: not recorded): a success result gets ``structured_output`` right after ``result``:
+the simplest value the schema allows (objects: every property, required or not; string "MOCK", number and
+integer 0, boolean false, array [], nested objects filled the same way; ``enum``: its first value; ``const``:
+itself; anyOf/oneOf/allOf: the first). The reply text does not change.
 
 An interrupted turn (interrupt request, SIGINT, or a deny with ``interrupt: true``): grandchildren are killed.
 Streaming: an assistant line with ``"aborted": true`` (half the reply), a user line
@@ -287,16 +338,25 @@ State (under ``$FAKE_STATE_DIR``): ``invocations.jsonl`` (written at start, ``"m
 ``grandchildren``, ``sessions/<id>`` as in print mode, and
   ``turns.jsonl``        one line per turn started: pid, session_id, prompt (the merged text), turn (0, 1, ...),
                          allowed_tools, disallowed_tools (the patterns, split), skip_permissions,
-                         permission_mode, model, uuids
+                         permission_mode, model, uuids, effort, system_prompt, append_system_prompt,
+                         system_prompt_snapshot, max_turns (int), max_budget_usd (float), json_schema (parsed),
+                         include_partial_messages, images (media types of the turn's image blocks, in order)
   ``stdin.jsonl``        one line per stdin line received: pid, line (the raw line without its newline)
   ``permissions.jsonl``  one line per can_use_tool request: pid, turn, request_id, tool_name
   ``tools.jsonl``        one line per tool that "ran": pid, turn, tool_name, tool_use_id, input (the one used)
 
-Not replayed: ``--include-partial-messages`` stream events (s03b), hooks and ``defer`` (s08*), the settings file an
-``updatedPermissions`` rule writes (s02e), the cost a ``--resume``d session carries over (s06, s11b: the real
-total_cost_usd continues the session's, the fake's starts at 0 in each process). Guessed, not recorded: where the
-later tool_use lines come when the first call is not asked about, and what a deny + interrupt or an interrupt
-does to the message's later calls (the fake leaves them without a tool_result).
+Not replayed: hooks and ``defer`` (s08*), the settings file an ``updatedPermissions`` rule writes (s02e), the cost
+a ``--resume``d session carries over (s06, s11b: the real total_cost_usd continues the session's, the fake's starts
+at 0 in each process), what --effort and the system prompt options do to the model (nothing visible with the mock).
+Guessed, not recorded: where the later tool_use lines come when the first call is not asked about, and what a deny
++ interrupt or an interrupt does to the message's later calls (the fake leaves them without a tool_result). For the
+spawn options: stream events of tool_use blocks (a content_block_start with ``input: {}`` and ONE
+``input_json_delta`` holding the whole input), of several messages in a turn, and of an interrupt that lands
+between blocks or before the first; whether stream_event lines carry ``user_message_uuid(s)`` (the fake: no);
+``begun_message_ids: []`` when nothing was streamed; error_max_turns in SDK mode (print mode's i6 line, the process
+staying) and with several tool calls (``num_turns``); everything about --max-budget-usd (when it is checked, ``>``
+rather than ``>=``, subtype, terminal_reason, errors text, tools skipped) and --json-schema (``structured_output``,
+its place and values, the refusal text); the refusal texts for --effort, --max-turns and --max-budget-usd.
 """
 
 from __future__ import annotations
@@ -750,7 +810,13 @@ class Opts:
         self.disallowed_tools: list[str] | None = None
         self.model: str | None = None
         self.max_turns: str | None = None
+        self.max_budget_usd: str | None = None
         self.include_partial_messages = False
+        self.effort: str | None = None
+        self.system_prompt: str | None = None
+        self.append_system_prompt: str | None = None
+        self.system_prompt_snapshot: str | None = None
+        self.json_schema: str | None = None
         self.permission_prompt_tool: str | None = None
         self.session_id: str | None = None
         self.operands: list[str] = []
@@ -790,13 +856,40 @@ for _flags, _spec in (
     ),
     (("--model",), Spec("model", "value", "--model <model>")),
     (("--max-turns",), Spec("max_turns", "value", "--max-turns <turns>")),
+    (("--max-budget-usd",), Spec("max_budget_usd", "value", "--max-budget-usd <amount>")),
     (("--include-partial-messages",), Spec("include_partial_messages", "bool", "--include-partial-messages")),
+    (("--effort",), Spec("effort", "value", "--effort <level>", ("low", "medium", "high", "xhigh", "max"))),
+    (("--system-prompt",), Spec("system_prompt", "value", "--system-prompt <prompt>")),
+    (("--append-system-prompt",), Spec("append_system_prompt", "value", "--append-system-prompt <prompt>")),
+    (
+        ("--system-prompt-snapshot",),
+        Spec("system_prompt_snapshot", "value", "--system-prompt-snapshot <on|off>", ("on", "off")),
+    ),
+    (("--json-schema",), Spec("json_schema", "value", "--json-schema <schema>")),
     (("--permission-prompt-tool",), Spec("permission_prompt_tool", "value", "--permission-prompt-tool <tool>")),
     (("--session-id",), Spec("session_id", "value", "--session-id <uuid>")),
     (("-v", "--version"), Spec("version", "version", "-v, --version")),
 ):
     for _flag in _flags:
         SPECS[_flag] = _spec
+
+
+def positive_int(value: str) -> int | None:
+    return int(value) if re.fullmatch(r"\s*\+?\d+\s*", value) and int(value) > 0 else None
+
+
+def positive_number(value: str) -> float | None:
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if 0 < number < float("inf") else None
+
+
+NUMBER_CHECKS: dict[str, Callable[[str], str | None]] = {
+    "max_turns": lambda v: None if positive_int(v) else "--max-turns must be a positive integer",
+    "max_budget_usd": lambda v: None if positive_number(v) else "--max-budget-usd must be a positive number",
+}
 
 
 def emit_option(opts: Opts, spec: Spec, value: str | None) -> None:
@@ -813,6 +906,9 @@ def emit_option(opts: Opts, spec: Spec, value: str | None) -> None:
     else:
         if spec.choices and value not in spec.choices:
             fail(f"error: option '{spec.label}' argument '{value}' is invalid. Allowed choices are {spec.listed}.")
+        problem = NUMBER_CHECKS[spec.attr](value or "") if spec.attr in NUMBER_CHECKS else None
+        if problem:  # a guess: commander's InvalidArgumentError form
+            fail(f"error: option '{spec.label}' argument '{value}' is invalid. {problem}")
         setattr(opts, spec.attr, value)
         if spec.attr == "resume":
             opts.resume_given = True
@@ -1126,6 +1222,10 @@ SDK_GAPS = {
 }
 
 
+PARTIAL = "s03b_interrupt_hang_partial"  # the recording with --include-partial-messages
+STREAM_CHUNK = 40  # characters per text delta: what the recordings' mock API sent (s03b)
+
+
 class Aborted(Exception):
     """The running turn was interrupted (an ``interrupt`` request, SIGINT, or a deny with interrupt)."""
 
@@ -1224,8 +1324,8 @@ def mock_reply(prompt: str) -> str:
 
 
 class UserMsg:
-    def __init__(self, text: str, uuid: str | None) -> None:
-        self.text, self.uuid = text, uuid
+    def __init__(self, text: str, uuid: str | None, images: list[str | None]) -> None:
+        self.text, self.uuid, self.images = text, uuid, images
 
 
 class Pending:
@@ -1240,11 +1340,20 @@ class Pending:
 
 
 class Turn:
-    def __init__(self, index: int, prompt: str, model_prompt: str, uuids: list[str], knobs: dict[str, str]) -> None:
+    def __init__(
+        self,
+        index: int,
+        prompt: str,
+        model_prompt: str,
+        uuids: list[str],
+        knobs: dict[str, str],
+        images: list[str | None],
+    ) -> None:
         self.index = index
         self.prompt = prompt
         self.model_prompt = model_prompt
         self.uuids = uuids
+        self.images = images
         self.knobs = knobs
         self.scn = Scenario(knobs)
         self.interrupted = False  # an interrupt request came
@@ -1259,6 +1368,14 @@ class Turn:
         self.assistants = 0
         self.reply = ""
         self.lines_since_poll = 0
+        self.ending = ""  # "max_turns" or "max_budget_usd": the turn stopped early (error result)
+        self.stop_reason = "end_turn"  # of the last model call
+        # --include-partial-messages: the message being streamed (stream_event lines)
+        self.stream_ids: tuple[str, str] | None = None  # (message id, request id) between message_start and stop
+        self.stream_blocks = 0  # content blocks started in it
+        self.block_open = False  # a content block started, its content_block_stop not yet written
+        self.streamed = ""  # the text deltas of the open block
+        self.begun: list[str] = []  # ids of the messages streamed (the result's begun_message_ids)
 
 
 class Sdk:
@@ -1278,6 +1395,20 @@ class Sdk:
         self.mode = opts.permission_mode or ("bypassPermissions" if self.skip else "default")
         self.session_rules: set[str] = set()
         self.launch_model = self.resolve(opts.model)[0] if opts.model else "claude-opus-5-5"
+        self.partial = opts.include_partial_messages
+        self.max_turns = positive_int(opts.max_turns) if opts.max_turns is not None else None
+        self.max_budget = positive_number(opts.max_budget_usd) if opts.max_budget_usd is not None else None
+        self.schema = json_schema(opts)
+        self.options: dict[str, Any] = {  # what turns.jsonl and system/init's "fake" key show
+            "effort": opts.effort,
+            "system_prompt": opts.system_prompt,
+            "append_system_prompt": opts.append_system_prompt,
+            "system_prompt_snapshot": opts.system_prompt_snapshot,
+            "max_turns": self.max_turns,
+            "max_budget_usd": self.max_budget,
+            "json_schema": self.schema,
+            "include_partial_messages": self.partial,
+        }
         self.model = self.launch_model
         self.buf = b""
         self.eof = False
@@ -1421,14 +1552,19 @@ class Sdk:
     def user_message(self, msg: dict[str, Any]) -> None:
         message = msg.get("message")
         content = message.get("content") if isinstance(message, dict) else None
+        images: list[str | None] = []
         if isinstance(content, list):
-            content = "\n".join(
-                str(b.get("text", "")) for b in content if isinstance(b, dict) and b.get("type", "text") == "text"
-            )
+            blocks = [b for b in content if isinstance(b, dict)]
+            for block in blocks:
+                if block.get("type") == "image":
+                    source = block.get("source")
+                    media_type = source.get("media_type") if isinstance(source, dict) else None
+                    images.append(media_type if isinstance(media_type, str) else None)
+            content = "\n".join(str(b.get("text", "")) for b in blocks if b.get("type", "text") == "text")
         if not isinstance(content, str):
             return
         uuid = msg.get("uuid") if isinstance(msg.get("uuid"), str) else None
-        self.queue.append(UserMsg(content, uuid))
+        self.queue.append(UserMsg(content, uuid, images))
         if uuid:
             self.lifecycle(uuid, "queued")
 
@@ -1599,7 +1735,8 @@ class Sdk:
         knobs = {**self.base, **knobs_of(prompt, "the prompt", SDK_INT_KNOBS, SDK_STR_KNOBS)}
         model_prompt = (INTERRUPTED + "\n\n" if self.after_interrupt else "") + prompt
         self.after_interrupt = False
-        turn = Turn(self.turns, prompt, model_prompt, [m.uuid for m in msgs if m.uuid], knobs)
+        images = [media_type for m in msgs for media_type in m.images]
+        turn = Turn(self.turns, prompt, model_prompt, [m.uuid for m in msgs if m.uuid], knobs, images)
         self.turns += 1
         self.turn = turn
         if not turn.scn.flag("no_init"):
@@ -1618,6 +1755,8 @@ class Sdk:
                     "permission_mode": self.mode,
                     "model": self.model,
                     "uuids": turn.uuids,
+                    **self.options,
+                    "images": turn.images,
                 }
             )
             + b"\n",
@@ -1671,16 +1810,100 @@ class Sdk:
         line["messaging_socket_path"] = f"{tmp}/cc-socks/{self.pid}.sock"
         if turn.uuids:
             line["user_message_uuids"] = turn.uuids
-        line["fake"] = {"prompt": turn.prompt, "argv": self.argv, "pid": self.pid, "turn": turn.index}
+        line["fake"] = {
+            "prompt": turn.prompt,
+            "argv": self.argv,
+            "pid": self.pid,
+            "turn": turn.index,
+            **self.options,
+            "images": turn.images,
+        }
         return line
 
-    def assistant(self, turn: Turn, content: list[dict[str, Any]], ids: tuple[str, str] | None = None) -> None:
+    def assistant(
+        self, turn: Turn, content: list[dict[str, Any]], ids: tuple[str, str] | None = None, last: bool = True
+    ) -> None:
+        """An assistant line of one content block. With --include-partial-messages it comes between the block's
+        content_block_start/deltas and its content_block_stop, the message's first block after message_start, its
+        LAST block followed by message_delta and message_stop (s03b, i1)."""
         msg_id, req_id = ids or (hex_id("msg_"), hex_id("req_"))
+        if self.partial:
+            self.stream_block(turn, (msg_id, req_id), content[0])
         line = tmpl("s01_init_three_turns", "assistant")
         line["message"].update(id=msg_id, model=self.model, content=content)
         line["request_id"] = req_id
         self.emit(self.uuid_keys(turn, self.stamped(line)))
+        if self.partial:
+            self.stream_close_block(turn)
+            if last:
+                self.stream_stop(turn)
         self.assistant_written(turn)
+
+    # ---- --include-partial-messages (s03b_interrupt_hang_partial, i1_partial_messages)
+
+    def requesting(self) -> None:
+        """The ``system/status`` ``requesting`` line before each model call."""
+        if self.partial:
+            self.emit(self.stamped(tmpl(PARTIAL, "system/status")))
+
+    def stream_line(self, turn: Turn, has: str, nth: int = 0, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """s03b's NTH stream_event line with HAS, for the open message (EVENT in place of the recorded one)."""
+        line = self.stamped(tmpl(PARTIAL, "stream_event", nth, has))
+        if event is not None:
+            line["event"] = event
+        line["api_message_id"] = turn.stream_ids[0] if turn.stream_ids else None
+        return line
+
+    def stream_block(self, turn: Turn, ids: tuple[str, str], block: dict[str, Any], whole: bool = True) -> None:
+        """message_start (for a message's first block), content_block_start and the block's deltas: its text in
+        STREAM_CHUNK-character pieces (the recordings' mock API), only the first piece unless WHOLE."""
+        if turn.stream_ids is None:
+            turn.stream_ids, turn.stream_blocks = ids, 0
+            turn.begun.append(ids[0])
+            line = self.stream_line(turn, '"message_start"')
+            line["event"]["message"].update(id=ids[0], model=self.model)
+            self.emit(line)
+        index = turn.stream_blocks
+        turn.stream_blocks += 1
+        if block.get("type") == "tool_use":  # not recorded: the API's tool_use streaming, input in one delta
+            start: dict[str, Any] = {"type": "tool_use", "id": block.get("id"), "name": block.get("name"), "input": {}}
+            text, delta = jdump(block.get("input", {})).decode(), ("input_json_delta", "partial_json")
+        else:
+            start, text, delta = {"type": "text", "text": ""}, str(block.get("text", "")), ("text_delta", "text")
+        event = {"type": "content_block_start", "index": index, "content_block": start}
+        self.emit(self.stream_line(turn, '"content_block_start"', event=event))
+        turn.block_open, turn.streamed = True, ""
+        pieces = [text[i : i + STREAM_CHUNK] for i in range(0, len(text), STREAM_CHUNK)]
+        if delta[0] == "input_json_delta":
+            pieces = [text]
+        for piece in pieces if whole else pieces[:1]:
+            event = {"type": "content_block_delta", "index": index, "delta": {"type": delta[0], delta[1]: piece}}
+            self.emit(self.stream_line(turn, '"content_block_delta"', event=event))
+            turn.streamed += piece
+
+    def stream_close_block(self, turn: Turn) -> None:
+        if turn.block_open:
+            turn.block_open = False
+            event = {"type": "content_block_stop", "index": turn.stream_blocks - 1}
+            self.emit(self.stream_line(turn, '"content_block_stop"', event=event))
+
+    def stream_stop(self, turn: Turn, aborted: bool = False) -> None:
+        """The open block's content_block_stop, then message_delta and message_stop; after an interrupt s03b's
+        aborted message_delta and a message_stop with ``abandoned_blocks``."""
+        if turn.stream_ids is None:
+            return
+        self.stream_close_block(turn)
+        if aborted:
+            self.emit(self.stream_line(turn, '"message_delta"', 0))
+            line = self.stream_line(turn, '"message_stop"', 0)
+            line["abandoned_blocks"] = {"api_message_id": turn.stream_ids[0], "from_block_index": turn.stream_blocks}
+        else:
+            line = self.stream_line(turn, '"message_delta"', 1)
+            line["event"]["delta"]["stop_reason"] = turn.stop_reason
+            self.emit(line)
+            line = self.stream_line(turn, '"message_stop"', 1)
+        self.emit(line)
+        turn.stream_ids = None
 
     def assistant_written(self, turn: Turn) -> None:
         turn.assistants += 1
@@ -1699,6 +1922,7 @@ class Sdk:
         self.gap("init", scn.num("init_delay_ms") / 1000)
         self.emit(self.init_line(turn))
         turn.calls = 1
+        self.requesting()
         if scn.num("giant") > 0:
             self.gap("assistant", delay)
             RUN.out.line(assistant_line(0, scn.num("giant"), 0, self.sid) + b"\n", MIB)
@@ -1714,6 +1938,10 @@ class Sdk:
         if scn.flag("crash"):
             crash()
         if scn.flag("hang"):
+            if self.partial and not generated:  # s03b: the mock streamed its first piece, then hung
+                reply = turn.knobs.get("reply", "").replace("_", " ") or mock_reply(turn.model_prompt)
+                self.gap("assistant", delay)
+                self.stream_block(turn, (hex_id("msg_"), hex_id("req_")), {"type": "text", "text": reply}, False)
             self.wait(float("inf"))
         tools = [name for name in turn.knobs.get("tool", "").split(",") if name]
         if tools:
@@ -1723,11 +1951,39 @@ class Sdk:
             if not generated:
                 self.gap("assistant", delay)
                 self.assistant(turn, [{"type": "text", "text": turn.reply}])
+        if not turn.ending and self.over_budget(turn):
+            turn.ending = "max_budget_usd"
         self.gap("result", delay)
         if scn.flag("no_result"):
             finish(0)
+        if turn.ending:
+            self.result(turn, self.stopped_result(turn))
+            return
         with_uuids = "s04b_two_queued_with_uuid" if turn.uuids else "s01_init_three_turns"
         self.result(turn, tmpl(with_uuids, "result/success"))
+
+    def cost_per_call(self) -> float:
+        cost: float = tmpl("s01_init_three_turns", "result/success")["total_cost_usd"]
+        return cost
+
+    def over_budget(self, turn: Turn) -> bool:
+        """--max-budget-usd: the process's total_cost_usd with this turn's model calls so far exceeds it."""
+        return self.max_budget is not None and self.total_cost + self.cost_per_call() * turn.calls > self.max_budget
+
+    def stopped_result(self, turn: Turn) -> dict[str, Any]:
+        """A turn stopped by --max-turns: the result line of i6_max_turns_1_tool (print mode: SDK mode is not
+        recorded). By --max-budget-usd (not recorded at all): the same line with subtype error_max_budget_usd."""
+        line: dict[str, Any] = json.loads(Recording("i6_max_turns_1_tool").lines[-1])
+        line.update(num_turns=turn.num_turns or max(1, turn.calls), stop_reason=turn.stop_reason)
+        if turn.ending == "max_turns":
+            line["errors"] = [f"Reached maximum number of turns ({self.max_turns})"]
+        else:
+            line.update(
+                subtype="error_max_budget_usd",
+                terminal_reason="max_budget_usd",
+                errors=[f"Reached maximum budget (${self.max_budget})"],
+            )
+        return line
 
     def result(self, turn: Turn, line: dict[str, Any]) -> None:
         """RESULT (a recorded result line) with this turn's numbers: result_index, cumulative cost."""
@@ -1753,11 +2009,15 @@ class Sdk:
         )
         if "result" in line:
             line["result"] = turn.reply
+        if self.partial:  # s03b, i1
+            line = with_key_after(line, "uuid", "begun_message_ids", turn.begun)
         if turn.uuids and "user_message_uuid" in line:  # s04b's result line
             line.update(user_message_uuid=turn.uuids[-1], user_message_uuids=turn.uuids)
         elif turn.uuids:  # the key places of s04d_interrupt_cancel_queued
             line = with_key_after(line, "errors", "user_message_uuid", turn.uuids[-1])
             line = with_key_after(line, "uuid", "user_message_uuids", turn.uuids)
+        if self.schema is not None and line.get("subtype") == "success":  # a guess: not recorded
+            line = with_key_after(line, "result", "structured_output", schema_instance(self.schema))
         self.emit(line)
         self.results += 1
 
@@ -1783,16 +2043,20 @@ class Sdk:
             if call and call not in turn.denials and not turn.tool_running:
                 turn.denials.append(call)
             self.emit(self.stamped(tmpl(name, "user", has="for tool use]")))
+            self.stream_stop(turn, aborted=True)
             self.result(turn, tmpl(name, "result/error_during_execution"))
             return
-        reply = turn.reply or mock_reply(turn.model_prompt)
+        if turn.block_open and turn.stream_ids is not None:  # s03b: the text streamed so far
+            (msg_id, req_id), text = turn.stream_ids, turn.streamed
+        else:
+            reply = turn.reply or mock_reply(turn.model_prompt)
+            (msg_id, req_id), text = (hex_id("msg_"), hex_id("req_")), reply[: max(1, len(reply) // 2)]
         line = tmpl("s03a_interrupt_slow", "assistant")
-        line["message"].update(
-            id=hex_id("msg_"), model=self.model, content=[{"type": "text", "text": reply[: max(1, len(reply) // 2)]}]
-        )
-        line["request_id"] = hex_id("req_")
+        line["message"].update(id=msg_id, model=self.model, content=[{"type": "text", "text": text}])
+        line["request_id"] = req_id
         self.emit(self.uuid_keys(turn, self.stamped(line)))
         self.emit(self.stamped(tmpl("s03a_interrupt_slow", "user", has=INTERRUPTED)))
+        self.stream_stop(turn, aborted=True)
         self.result(turn, tmpl("s03a_interrupt_slow", "result/error_during_execution"))
         self.after_interrupt = True
 
@@ -1838,19 +2102,29 @@ class Sdk:
             for i, name in enumerate(names)
         ]
         turn.tool_msg = (hex_id("msg_"), hex_id("req_"))
+        turn.stop_reason = "tool_use"
         self.gap("assistant", delay)
-        self.assistant(turn, [{"type": "text", "text": f"I will use {', '.join(names)}."}], turn.tool_msg)
+        self.assistant(turn, [{"type": "text", "text": f"I will use {', '.join(names)}."}], turn.tool_msg, False)
         turn.unprinted = [
             {"type": "tool_use", "id": c["tool_use_id"], "name": c["tool_name"], "input": c["tool_input"]}
             for c in calls
         ]
+        if self.over_budget(turn):  # a guess: the tools do not run
+            self.print_tool_uses(turn, delay)
+            turn.ending = "max_budget_usd"
+            return
         self.print_tool_uses(turn, delay, keep=len(calls) - 1)
         results = [self.decide(turn, call, delay) for call in calls]
-        turn.calls = 2
         turn.num_turns = 1 + len(calls)
+        if self.max_turns is not None and self.max_turns < 2:  # i6: the tools ran, the next call is not made
+            turn.ending = "max_turns"
+            return
+        turn.calls = 2
+        turn.stop_reason = "end_turn"
         turn.reply = turn.knobs.get("reply", "").replace("_", " ") or "MOCK-FINAL after tool: " + json.dumps(
             [{"id": c["tool_use_id"], "is_error": e, "content": t} for c, (t, e) in zip(calls, results, strict=True)]
         )
+        self.requesting()
         self.gap("final", delay)
         self.assistant(turn, [{"type": "text", "text": turn.reply}])
 
@@ -1859,7 +2133,7 @@ class Sdk:
         before the second tool_use line (s02g)."""
         while len(turn.unprinted) > keep:
             self.gap("tool_use", delay)
-            self.assistant(turn, [turn.unprinted.pop(0)], turn.tool_msg)
+            self.assistant(turn, [turn.unprinted.pop(0)], turn.tool_msg, not turn.unprinted)
 
     def decide(self, turn: Turn, call: dict[str, Any], delay: float) -> tuple[str, bool]:
         """One call's permission decision and tool_result: (content, is_error)."""
@@ -2080,6 +2354,42 @@ def sdk_main(opts: Opts, full_argv: list[str]) -> NoReturn:
 # ---------------------------------------------------------------- main
 
 
+def json_schema(opts: Opts) -> dict[str, Any] | None:
+    """--json-schema, parsed; a value that is not a JSON object is refused (a guess: the text is not recorded)."""
+    if opts.json_schema is None:
+        return None
+    try:
+        schema = json.loads(opts.json_schema)
+    except ValueError as e:
+        fail(f"Error: Invalid JSON in --json-schema: {e}")
+    if not isinstance(schema, dict):
+        fail("Error: Invalid JSON in --json-schema: a JSON Schema must be an object")
+    return schema
+
+
+def schema_instance(schema: object) -> object:
+    """The simplest value SCHEMA allows (a guess at what the model returns): the first enum value or the const;
+    objects get every property (required or not), strings "MOCK", numbers 0, booleans false, arrays []."""
+    if not isinstance(schema, dict):
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return schema_instance(schema[key][0])
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), kind[0] if kind else None)
+    if kind is None and isinstance(schema.get("properties"), dict):
+        kind = "object"
+    if kind == "object":
+        props = schema.get("properties")
+        return {k: schema_instance(v) for k, v in props.items()} if isinstance(props, dict) else {}
+    return {"string": "MOCK", "number": 0, "integer": 0, "boolean": False, "array": []}.get(str(kind))
+
+
 def resume_refused(name: str, sid: str, value: str) -> NoReturn:
     """Recordings b4/b5 with ``value`` for the recorded --resume value: stderr, one result line, exit 1."""
     rec = Recording(name)
@@ -2122,6 +2432,7 @@ def main(argv: list[str]) -> NoReturn:
         finish(0)
     if opts.unknown:
         fail(f"error: unknown option '{opts.unknown[0]}'")
+    json_schema(opts)  # refuses a value that is not a JSON object
     sdk = not opts.print_mode and opts.input_format == "stream-json"
     RUN.record["mode"] = "sdk" if sdk else "print"
     if not opts.print_mode and not sdk:

@@ -114,6 +114,7 @@ class ScriptedCli:
         self.ignore_signals = False
         self.ignore_interrupt = False
         self.asking: str | None = None  # the id of our open can_use_tool request
+        self.refuse: str | None = None  # the error of every control request but initialize and interrupt
         self.transport = FakeTransport(self, pid)
 
     # ---------------------------------------------------------------- what the host writes
@@ -146,6 +147,20 @@ class ScriptedCli:
                     separators=(",", ":")))
                 if self.in_turn:
                     self.end_turn(interrupted=True)
+            elif self.refuse is not None:
+                self.respond(request_id, None, self.refuse)
+            elif subtype == "set_model":  # s05: a replayed user line, then the model
+                model = message["request"].get("model") or "claude-opus-5-5"
+                self.say(json.dumps({"type": "user", "message": {"role": "user", "content": (
+                    f"<local-command-stdout>Set model to `{model}`</local-command-stdout>")}, "isReplay": True}))
+                self.respond(request_id, {"model": model})
+            elif subtype == "set_permission_mode":
+                mode = message["request"]["mode"]
+                if mode == "bypassPermissions" and "--dangerously-skip-permissions" not in self.argv:
+                    self.respond(request_id, None, "Cannot set permission mode to bypassPermissions because the "
+                                 "session was not launched with --dangerously-skip-permissions")
+                else:
+                    self.respond(request_id, {"mode": mode})
             return
         if message["type"] == "control_response":
             if message["response"]["request_id"] == self.asking:
@@ -158,6 +173,13 @@ class ScriptedCli:
             self.say(TURN[0].replace(TEMPLATE_SID, self.session_id))
             if not self.holding:
                 self.end_turn()
+
+    def respond(self, request_id: str, response: dict[str, Any] | None, error: str | None = None) -> None:
+        if error is not None:
+            body: dict[str, Any] = {"subtype": "error", "request_id": request_id, "error": error}
+        else:
+            body = {"subtype": "success", "request_id": request_id, "response": response}
+        self.say(json.dumps({"type": "control_response", "response": body}))
 
     def stdin_closed(self) -> None:
         """stdin EOF: an idle CLI exits 0 (s07a); a busy one finishes its turn first (s07b)."""

@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 from claudesrv.approvals import KEEP_RESOLVED, iso
 from tests import support
 from tests.harness import Daemon, DaemonTestCase, ScriptedCli, Stream, recording
-from tests.support import SSEParser, pid_alive, post, state_lines
+from tests.support import SSEParser, pid_alive, post, state_lines, wait_for
 
 S02A_INPUT = {"command": "echo hi > file.txt", "description": "Write hi to file.txt"}
 
@@ -284,7 +284,7 @@ class Policy(ApprovalTestCase):
 
     def test_approvals_deny_refuses_the_field(self) -> None:
         d = self.daemon()
-        d.api.approvals = "deny"
+        d.api.policy.approvals = "deny"
         stream = d.post({"prompt": "a", "approvals": True})
         self.assertEqual(stream.code, 403)
         self.assertEqual(d.world.clis, [])
@@ -387,6 +387,12 @@ class Remember(ApprovalTestCase):
             self.assertEqual(list(db.execute("SELECT * FROM remembered_tools")), [])
 
 
+def tool_results(reply: Any) -> list[str]:
+    """The text of each tool_result in a stream."""
+    return [block["content"] for e in reply.sse.events() if e["type"] == "user"
+            for block in e["message"]["content"] if isinstance(block, dict) and block.get("type") == "tool_result"]
+
+
 class ThroughTwistd(TestCase):
     """A real daemon with the fake CLI as its child: a person allows a tool and answers a question over HTTP
     while the turn's stream is open, and a shutdown ends a turn that waits for a person."""
@@ -394,26 +400,32 @@ class ThroughTwistd(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def turn_with_answers(self, daemon: support.Daemon, prompt: str, answer: dict[str, Any]) -> Any:
-        """POST a turn with approvals on; answer each permission_request as it arrives; the whole stream."""
+    def turn_with_answers(self, daemon: support.Daemon, prompt: str, *answers: dict[str, Any],
+                          session_id: str | None = None) -> Any:
+        """POST a turn with approvals on; answer its permission requests as they arrive, in order, with
+        C{answers} (one left unanswered when they run out); the whole stream, and each answer's status and body."""
         answered: list[Deferred[Any]] = []
 
         def on_frame(sse: SSEParser) -> None:
             for frame in sse.frames[len(seen):]:
                 event = json.loads(frame)
                 seen.append(event)
-                if event.get("subtype") == "permission_request":
+                if event.get("subtype") == "permission_request" and len(answered) < len(answers):
                     url = f"{daemon.url}/api/sessions/{seen[0]['session_id']}/permissions/{event['request_id']}"
-                    answered.append(post(url, answer))
+                    answered.append(post(url, answers[len(answered)]))
 
         seen: list[dict[str, Any]] = []
-        reply = yield post(daemon.url + "/api/claude", {"prompt": prompt, "approvals": True}, on_frame=on_frame)
+        body = {"prompt": prompt, "approvals": True, **({"session_id": session_id} if session_id else {})}
+        reply = yield post(daemon.url + "/api/claude", body, on_frame=on_frame)
         results = yield gatherResults(answered)
         return reply, [(r.status, r.json()) for r in results]
 
     @inlineCallbacks
     def test_allow_and_answer_then_shutdown_while_pending(self) -> Any:
-        daemon = yield support.Daemon(self).start()
+        """Allow; answer a question; two tools, the first allowed and the second denied with a message; a deny that
+        ends the turn; a request nobody answers (--approval-timeout); a remembered tool after the process slept
+        (--warm-idle); and a shutdown while a request waits."""
+        daemon = yield support.Daemon(self, "--approval-timeout", "1", "--warm-idle", "1").start()
         reply, [(status, body)] = yield self.turn_with_answers(daemon, "[[fake tool=Bash]] make a file",
                                                                {"behavior": "allow"})
         self.assertEqual((status, body["behavior"], body["by"]), (200, "allow", "client"))
@@ -427,8 +439,34 @@ class ThroughTwistd(TestCase):
         answers = {"behavior": "allow", "answers": {"Which format?": "Summary"}}
         reply, [(status, _)] = yield self.turn_with_answers(daemon, "[[fake tool=AskUserQuestion]] ask me", answers)
         self.assertEqual(status, 200)
-        tool_result = [e for e in reply.sse.events() if e["type"] == "user"][0]["message"]["content"][0]["content"]
-        self.assertIn('"Which format?"="Summary"', tool_result)
+        self.assertIn('"Which format?"="Summary"', tool_results(reply)[0])
+
+        reply, statuses = yield self.turn_with_answers(
+            daemon, "[[fake tool=Bash,Bash]] two files", {"behavior": "allow"},
+            {"behavior": "deny", "message": "one file is enough"})
+        self.assertEqual([s for s, _ in statuses], [200, 200])
+        self.assertEqual(tool_results(reply), ["(Bash completed with no output)", "one file is enough"])
+        self.assertEqual(state_lines(daemon.state_dir, "tools.jsonl")[-1]["input"]["command"], "echo one > one.txt")
+
+        reply, _ = yield self.turn_with_answers(daemon, "[[fake tool=Bash]] stop", {"behavior": "deny",
+                                                                                    "interrupt": True})
+        self.assertEqual(reply.sse.results()[-1]["terminal_reason"], "aborted_tools")
+
+        reply, _ = yield self.turn_with_answers(daemon, "[[fake tool=Bash]] nobody there")
+        self.assertEqual([e["by"] for e in reply.sse.events() if e.get("subtype") == "permission_resolved"],
+                         ["timeout"])
+        self.assertIn("nobody answered", tool_results(reply)[0])
+
+        reply, _ = yield self.turn_with_answers(daemon, "[[fake tool=Bash]] a", {"behavior": "allow",
+                                                                                 "remember": "tool"})
+        sid = reply.session_id
+        pid = state_lines(daemon.state_dir, "invocations.jsonl")[-1]["pid"]
+        yield wait_for(lambda: not pid_alive(pid))  # put to sleep after --warm-idle
+        reply, _ = yield self.turn_with_answers(daemon, "[[fake tool=Bash]] b", session_id=sid)
+        self.assertEqual([(e["subtype"], e.get("by")) for e in reply.sse.events() if e["type"] == "claudesrv"],
+                         [("permission_resolved", "remembered")])
+        self.assertNotEqual(state_lines(daemon.state_dir, "invocations.jsonl")[-1]["pid"], pid)
+        self.assertEqual(tool_results(reply), ["(Bash completed with no output)"])
 
         pending: Deferred[None] = Deferred()
 

@@ -672,6 +672,7 @@ class FakeSdkModeTests(SynchronousTestCase):
             "s02h_no_ppt_tool_use",
             "s02i_cut_reinitialize_pending",
             "s03a_interrupt_slow",
+            "s03b_interrupt_hang_partial",
             "s03c_interrupt_idle",
             "s03d_interrupt_during_bash",
             "s04a_queued_message",
@@ -1109,3 +1110,251 @@ class FakeSdkModeTests(SynchronousTestCase):
         for (args, message), fake in zip(cases, fakes, strict=True):
             self.assertEqual(fake.finish(), (1, message), args)
             self.assertEqual(fake.raw, [])
+
+    # ---- the daemon's spawn options (--model ... --include-partial-messages) and image blocks
+
+    def test_spawn_options_recorded(self) -> None:
+        """Every spawn option in --option=value form (values may start with '-') is accepted and shown in
+        system/init's "fake" key and in turns.jsonl; --model and --permission-mode set init's model and mode;
+        image blocks of a user message are recorded by media type while the reply is computed from the text
+        blocks alone. A process without them records the defaults."""
+        schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+        options = [
+            "--model=sonnet",
+            "--permission-mode=acceptEdits",
+            "--effort=xhigh",
+            "--system-prompt=-You are terse.",
+            "--append-system-prompt=--and kind",
+            "--system-prompt-snapshot=off",
+            "--max-turns=3",
+            "--max-budget-usd=2.5",
+            f"--json-schema={json.dumps(schema)}",
+            "--include-partial-messages",
+        ]
+        fake = self.start(*SDK, *STDIO, "--session-id=0b7e0000-0000-4000-8000-000000000001", *options, "--")
+        plain = self.start(*SDK)
+        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+        jpeg = {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "/9j/4AAQ"}}
+        content = [{"type": "text", "text": "look"}, image, {"type": "text", "text": "here"}, jpeg]
+        fake.send({"type": "user", "message": {"role": "user", "content": content}})
+        plain.user("hi")
+        result = fake.wait_kind("result/success")
+        plain.wait_kind("result/success")
+        self.assertEqual((fake.finish(), plain.finish()), ((0, ""), (0, "")))
+        shown = {
+            "effort": "xhigh",
+            "system_prompt": "-You are terse.",
+            "append_system_prompt": "--and kind",
+            "system_prompt_snapshot": "off",
+            "max_turns": 3,
+            "max_budget_usd": 2.5,
+            "json_schema": schema,
+            "include_partial_messages": True,
+            "images": ["image/png", "image/jpeg"],
+        }
+        init = fake.lines[0]
+        self.assertEqual({k: init["fake"][k] for k in shown}, shown)
+        self.assertEqual((init["model"], init["permissionMode"]), ("claude-sonnet-5-5", "acceptEdits"))
+        reply = fake.wait_kind("assistant")
+        self.assertEqual(reply["message"]["model"], "claude-sonnet-5-5")
+        self.assertTrue(result["result"].startswith("MOCK-REPLY: look\nhere [len=9 sha256="))
+        self.assertEqual(reply["message"]["content"][0]["text"], result["result"])
+        rows = {row["pid"]: row for row in self.state_lines("turns.jsonl")}
+        row = rows[fake.pid]
+        self.assertEqual({k: row[k] for k in shown}, shown)
+        self.assertEqual(
+            (row["prompt"], row["model"], row["permission_mode"]), ("look\nhere", "claude-sonnet-5-5", "acceptEdits")
+        )
+        defaults = {k: rows[plain.pid][k] for k in shown}
+        self.assertEqual(
+            defaults, {**dict.fromkeys(shown), "include_partial_messages": False, "images": []}, "plain process"
+        )
+        self.assertNotIn("stream_event", [x["type"] for x in plain.lines])
+        self.assertNotIn("begun_message_ids", plain.results()[0])
+
+    def test_include_partial_messages_like_s03b(self) -> None:
+        """--include-partial-messages, driven like recording s03b (initialize, a hung reply interrupted, the
+        next turn): the same line kinds and stream_event types in the same order, the same keys in every line
+        and in every event, 40-character text deltas (the next turn's word for word), message ids tying the
+        events to their assistant line, the aborted line holding what was streamed, message_stop's
+        abandoned_blocks after the interrupt, and begun_message_ids in the results. A tool turn streams each
+        content block (a guess: not recorded) and a system/status requesting line before each model call."""
+        recorded = [json.loads(e["line"]) for e in sdk_events("s03b_interrupt_hang_partial") if e["dir"] == "out"]
+        fake = self.start(*SDK, "--include-partial-messages")
+        fake.control("req_1", "initialize")
+        fake.user("HANG please [[fake hang=1]]")
+        fake.wait_for(lambda x: x.get("event", {}).get("type") == "content_block_delta")
+        fake.control("req_2", "interrupt")
+        n = fake.wait_for(lambda x: x.get("type") == "result")
+        fake.user("hello after interrupting a hang")
+        fake.wait_for(lambda x: x.get("type") == "result", n + 1)
+        self.assertEqual(fake.finish(), (0, ""))
+
+        def shape(line: dict[str, Any]) -> tuple[Any, ...]:
+            event = line.get("event", {})
+            return kind(line), event.get("type"), event.get("delta", {}).get("type"), sorted(event)
+
+        got = fake.lines
+        self.assertEqual([shape(x) for x in got], [shape(x) for x in recorded])
+        for have, want in zip(got, recorded, strict=True):
+            self.assertEqual(set(have) - {"fake"}, set(want), kind(want))
+            for key in ("message", "delta", "content_block", "usage"):
+                if key in want.get("event", {}):
+                    self.assertEqual(set(have["event"][key]), set(want["event"][key]), key)
+
+        def deltas(lines: list[dict[str, Any]], start: int) -> list[str]:
+            found = []
+            for x in lines[start:]:
+                if x.get("event", {}).get("type") == "content_block_delta":
+                    found.append(x["event"]["delta"]["text"])
+                if x.get("type") == "assistant":
+                    return found
+            return found
+
+        first = deltas(got, 0)
+        self.assertEqual([len(t) for t in first], [40])
+        aborted = next(x for x in got if x.get("aborted"))
+        self.assertEqual(aborted["message"]["content"][0]["text"], first[0])
+        stop = got[n - 1]
+        self.assertEqual(stop["abandoned_blocks"], {"api_message_id": aborted["message"]["id"], "from_block_index": 1})
+        second = deltas(got, n + 1)
+        self.assertEqual(second, deltas(recorded, n + 1))
+        reply = next(x for x in got[n + 1 :] if x.get("type") == "assistant")
+        self.assertEqual("".join(second), reply["message"]["content"][0]["text"])
+        ids = {x["api_message_id"] for x in got[n + 1 :] if x["type"] == "stream_event"}
+        self.assertEqual(ids, {reply["message"]["id"]})
+        self.assertEqual(
+            [r["begun_message_ids"] for r in fake.results()], [[aborted["message"]["id"]], [reply["message"]["id"]]]
+        )
+
+        fake = self.start(*SDK, "--include-partial-messages", "--dangerously-skip-permissions")
+        fake.user("go [[fake tool=Bash]]")
+        result = fake.wait_kind("result/success")
+        self.assertEqual(fake.finish(), (0, ""))
+        events = [x["event"]["type"] if x["type"] == "stream_event" else kind(x) for x in fake.lines]
+        block = ["content_block_start", "content_block_delta", "assistant", "content_block_stop"]
+        final = ["message_start", "content_block_start", *["content_block_delta"] * 4, "assistant"]
+        self.assertEqual(
+            events,
+            ["system/init", "system/status", "message_start", *block, *block, "message_delta", "message_stop"]
+            + ["user", "system/status", *final, "content_block_stop", "message_delta", "message_stop"]
+            + ["result/success"],
+        )
+        stops = [
+            x["event"]["delta"]["stop_reason"] for x in fake.lines if x.get("event", {}).get("type") == "message_delta"
+        ]
+        self.assertEqual(stops, ["tool_use", "end_turn"])
+        self.assertEqual(len(result["begun_message_ids"]), 2)
+
+    def test_max_turns_ends_a_tool_turn(self) -> None:
+        """--max-turns=1 and a tool turn (2 model calls): the tool runs, then the turn ends like print-mode
+        recording i6_max_turns_1_tool (same line kinds, result keys, error_max_turns, is_error, errors,
+        num_turns 2, the cost of one call); the process stays and its next turn works; a turn of one call
+        is not limited."""
+        i6 = [json.loads(line) for line in open(os.path.join(FIXTURES, "i6_max_turns_1_tool.jsonl"), "rb")]
+        fake = self.start(*SDK, "--max-turns=1", "--dangerously-skip-permissions")
+        fake.user("USE_BASH i6 [[fake tool=Bash]]")
+        n = fake.wait_for(lambda x: x.get("type") == "result")
+        fake.user("next")
+        result = fake.wait_kind("result/success", n + 1)
+        self.assertEqual(fake.finish(), (0, ""))
+        self.assertEqual([kind(x) for x in fake.lines[: n + 1]], [kind(x) for x in i6])
+        stopped, want = fake.lines[n], i6[-1]
+        self.assertEqual(set(stopped), set(want))
+        for key in ("subtype", "is_error", "terminal_reason", "stop_reason", "num_turns", "errors"):
+            self.assertEqual(stopped[key], want[key], key)
+        one_call = next(iter(stopped["model_usage_since_last_result"].values()))["costUSD"]
+        self.assertAlmostEqual(stopped["total_cost_usd"], one_call)
+        self.assertEqual(len(self.state_lines("tools.jsonl")), 1)
+        self.assertEqual((result["result_index"], result["num_turns"], result["is_error"]), (1, 1, False))
+        self.assertEqual({t["pid"] for t in self.state_lines("turns.jsonl")}, {fake.pid})
+
+    def test_json_schema_structured_output(self) -> None:
+        """--json-schema: the result gets structured_output, right after "result": the simplest object the
+        schema allows (a guess: every property, required or not; the first enum value; nested objects filled
+        in). A value that is not a JSON object is refused with exit 1 and nothing on stdout (a guess)."""
+        schema = {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "count": {"type": "integer"},
+                "score": {"type": "number"},
+                "ok": {"type": "boolean"},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "mood": {"enum": ["calm", "busy"]},
+                "inner": {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]},
+            },
+            "required": ["name"],
+        }
+        fake = self.start(*SDK, f"--json-schema={json.dumps(schema)}")
+        bad = self.start(*SDK, "--json-schema={not json")
+        fake.user("structured")
+        result = fake.wait_kind("result/success")
+        self.assertEqual(fake.finish(), (0, ""))
+        self.assertEqual(
+            result["structured_output"],
+            {"name": "MOCK", "count": 0, "score": 0, "ok": False, "tags": [], "mood": "calm", "inner": {"x": "MOCK"}},
+        )
+        keys = list(result)
+        self.assertEqual(keys.index("structured_output"), keys.index("result") + 1)
+        code, stderr = bad.finish()
+        self.assertEqual((code, bad.raw), (1, []))
+        self.assertTrue(stderr.startswith("Error: Invalid JSON in --json-schema: "), stderr)
+
+    def test_max_budget_usd(self) -> None:
+        """--max-budget-usd=X (a guess, not recorded): when total_cost_usd after a model call exceeds X the turn
+        ends with result subtype error_max_budget_usd, is_error true, the process staying; a tool turn whose
+        first call exceeds it ends before its tools run."""
+        fake = self.start(*SDK, "--max-budget-usd=0.015")
+        tools = self.start(*SDK, "--max-budget-usd=0.005", "--dangerously-skip-permissions")
+        fake.user("one")
+        fake.user("two")
+        tools.user("go [[fake tool=Bash]]")
+        fake.close()
+        self.assertEqual((fake.finish(), tools.finish()), ((0, ""), (0, "")))
+        first, second = fake.results()
+        self.assertEqual((first["subtype"], first["is_error"]), ("success", False))
+        self.assertEqual(
+            (second["subtype"], second["is_error"], second["result_index"]), ("error_max_budget_usd", True, 1)
+        )
+        self.assertGreater(second["total_cost_usd"], 0.015)
+        self.assertEqual(second["errors"], ["Reached maximum budget ($0.015)"])
+        self.assertEqual(
+            [kind(x) for x in tools.lines], ["system/init", "assistant", "assistant", "result/error_max_budget_usd"]
+        )
+        self.assertEqual(self.state_lines("tools.jsonl"), [])
+
+    def test_spawn_option_errors(self) -> None:
+        """Bad values are refused before anything is printed, exit 1: --effort and --system-prompt-snapshot
+        like commander refuses other choices (--effort's text is a guess, its help lists the levels without
+        "choices:"), --max-turns and --max-budget-usd that are not positive numbers (guessed texts). The same
+        options are accepted in print mode."""
+        cases = (
+            (
+                "--effort=extreme",
+                "error: option '--effort <level>' argument 'extreme' is invalid. Allowed choices are low, medium, "
+                "high, xhigh, max.\n",
+            ),
+            (
+                "--system-prompt-snapshot=maybe",
+                "error: option '--system-prompt-snapshot <on|off>' argument 'maybe' is invalid. Allowed choices are "
+                "on, off.\n",
+            ),
+            (
+                "--max-turns=0",
+                "error: option '--max-turns <turns>' argument '0' is invalid. --max-turns must be a positive integer\n",
+            ),
+            (
+                "--max-budget-usd=lots",
+                "error: option '--max-budget-usd <amount>' argument 'lots' is invalid. --max-budget-usd must be a "
+                "positive number\n",
+            ),
+        )
+        fakes = [self.start(*SDK, arg) for arg, _ in cases]
+        printed = self.start("-p", "--verbose", "--output-format=stream-json", "--effort=low", "--max-turns=2")
+        for (arg, message), fake in zip(cases, fakes, strict=True):
+            self.assertEqual(fake.finish(), (1, message), arg)
+            self.assertEqual(fake.raw, [], arg)
+        printed.send("hello")
+        code, _ = printed.finish()
+        self.assertEqual((code, kind(printed.lines[-1])), (0, "result/success"))

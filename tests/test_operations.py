@@ -21,6 +21,7 @@ from twisted.trial.unittest import TestCase
 
 from claudesrv.app import ClaudeAPI
 from claudesrv.live import IDLE
+from claudesrv.schema import BodyLimits, problem
 from tests import harness
 from tests.rawhttp import raw_post
 from tests.support import Daemon, Since, get_json, pid_alive, post, wait_for
@@ -55,7 +56,7 @@ class SessionsApi(InProcess):
         newest = page["sessions"][1]
         self.assertEqual(set(newest), {"session_id", "session_ids", "workspace", "created_at", "last_used_at",
                                        "running", "state", "pid", "last_event_id", "queued",
-                                       "pending_permissions"})
+                                       "pending_permissions", "live_options"})
         [cli] = d.world.of(sids[2])
         self.assertEqual((newest["state"], newest["pid"], newest["last_event_id"], newest["running"],
                           newest["queued"]), (IDLE, cli.pid, 3, False, False))
@@ -64,7 +65,12 @@ class SessionsApi(InProcess):
         self.assertEqual([s["session_id"] for s in rest["sessions"]], [sids[1]])
         self.assertIsNone(rest["next_cursor"])
         code, item = d.call("GET", f"/api/sessions/{sids[0]}")
+        usage = item.pop("usage")
         self.assertEqual((code, item), (200, page["sessions"][0]))
+        [recorded] = json.loads(harness.TURN[-1])["model_usage_since_last_result"].values()  # its one turn's
+        self.assertEqual((usage["turns"], usage["input_tokens"], usage["output_tokens"]),
+                         (1, recorded["inputTokens"], recorded["outputTokens"]))
+        self.assertAlmostEqual(usage["cost_usd"], recorded["costUSD"])
 
 
 class Expiry(InProcess):
@@ -240,6 +246,24 @@ class Logs(TestCase):
 
 
 class OpenApi(InProcess):
+    def test_the_served_schema_is_the_one_requests_are_held_to(self) -> None:
+        """Every field of the served Turn schema is a field requests may send, with this daemon's limits in it, and
+        a body the schema refuses is refused the same way by the route."""
+        d = self.daemon()
+        d.api.body_limits = BodyLimits(max_prompt=50, max_system_prompt=10, max_image_bytes=64)
+        turn = d.call("GET", "/openapi.json")[1]["components"]["schemas"]["Turn"]
+        self.assertEqual(turn["properties"]["system_prompt"]["x-maxBytes"], 10)
+        for name, example in [("model", "sonnet"), ("effort", "low"), ("max_turns", 2), ("json_schema", {}),
+                              ("system_prompt", "x" * 11), ("temperature", 1)]:
+            stream = d.post({"prompt": "a", name: example})
+            known = name in turn["properties"]
+            found = problem(turn["properties"][name], example, name) if known else "unknown"
+            error = json.loads(bytes(stream.sse.raw))["error"]["message"] if stream.code != 200 else None
+            self.assertEqual(error is not None, found is not None, name)
+            if known and found:
+                self.assertEqual(error, found)
+
+
     def test_every_route_documented_and_answering(self) -> None:
         """Each route the app serves is in /openapi.json with its methods, and each documented route
         answers (not 404 or 405; 404 for an unknown session). (/readyz's CLI probe is played here: it spawns

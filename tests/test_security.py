@@ -26,6 +26,7 @@ from claudesrv.tap import Options
 from tests import harness
 from tests.rawhttp import RawClient
 from tests.support import TWISTD, Daemon, SSEParser, post, wait_for
+from tests.test_units import BAD_OPTIONS
 
 UUID = "6a1c5e0e-3b8c-4a57-9d7e-6ad0a39b8c11"
 TOKEN = "s3cret-token-value"
@@ -72,7 +73,7 @@ BAD_REQUESTS: list[tuple[str, bytes, str, dict[str, str], bytes, int, str]] = [
     ("prompt NUL", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="a\0b"), 400, "invalid_field"),
     ("prompt too big", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x" * 2001), 400, "prompt_too_large"),
     ("lone surrogate", b"POST", "/api/claude", {**AUTH, **JSON}, b'{"prompt":"\\ud800"}', 400, "invalid_field"),
-    ("unknown field", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", model="opus"), 400, "unknown_field"),
+    ("unknown field", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", temperature=0.5), 400, "unknown_field"),
     ("session number", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", session_id=5), 400, "invalid_field"),
     ("session not uuid", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", session_id="abc"),
      400, "invalid_field"),
@@ -128,6 +129,32 @@ BAD_REQUESTS: list[tuple[str, bytes, str, dict[str, str], bytes, int, str]] = [
     ("events no token", b"GET", f"/api/sessions/{UUID}/events", {}, b"", 401, "unauthorized"),
     ("preflight foreign origin", b"OPTIONS", "/api/claude",
      {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}, b"", 403, "origin_not_allowed"),
+    # turn options against the policy of the table's daemon (--allow-model, --max-budget-usd, ...)
+    ("model not allowed", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", model="opus"), 403,
+     "model_not_allowed"),
+    ("budget over limit", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", max_budget_usd=2), 403,
+     "budget_over_limit"),
+    ("turns over limit", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", max_turns=11), 403,
+     "max_turns_over_limit"),
+    ("system prompt denied", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", system_prompt="x"), 403,
+     "system_prompt_denied"),
+    ("bypass denied", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", permission_mode="bypassPermissions"),
+     403, "skip_permissions_denied"),
+    ("approvals denied", b"POST", "/api/claude", {**AUTH, **JSON}, j(prompt="x", approvals=True), 403,
+     "approvals_denied"),
+    # answers to permission requests
+    ("answer unknown session", b"POST", f"/api/sessions/{UUID}/permissions/{'0' * 32}", {**AUTH, **JSON},
+     j(behavior="allow"), 404, "permission_request_not_found"),
+    ("answer not uuid", b"POST", f"/api/sessions/abc/permissions/{'0' * 32}", {**AUTH, **JSON},
+     j(behavior="allow"), 404, "permission_request_not_found"),
+    ("answer no token", b"POST", f"/api/sessions/{UUID}/permissions/{'0' * 32}", JSON, j(behavior="allow"), 401,
+     "unauthorized"),
+    ("answer not json", b"POST", f"/api/sessions/{UUID}/permissions/{'0' * 32}", AUTH, j(behavior="allow"), 415,
+     "unsupported_media_type"),
+    ("answer GET", b"GET", f"/api/sessions/{UUID}/permissions/{'0' * 32}", AUTH, b"", 405, "method_not_allowed"),
+    *[(f"option {json.dumps(fields)[:50]}", b"POST", "/api/claude", {**AUTH, **JSON}, j(**{"prompt": "x", **fields}),
+       400, code) for fields, code, _ in BAD_OPTIONS
+      if len(j(**{"prompt": "x", **fields})) < 4096 and code != "prompt_too_large"],
 ]
 
 
@@ -140,8 +167,11 @@ class BadRequestTable(TestCase):
         nothing from the bad ones (no row, no event log, no workspace and no CLI but the spare's, no turn), and a
         good request still works, in the spare, whose environment has no API token."""
         daemon = yield Daemon(self, "--skip-permissions", "deny", "--max-prompt", "2000", "--max-body", "4096",
+                              "--max-system-prompt", "50", "--max-image-bytes", "64", "--allow-model", "sonnet",
+                              "--max-budget-usd", "1", "--max-turns-limit", "10", "--allow-system-prompt", "append",
+                              "--approvals", "deny",
                               env={"CLAUDESRV_AUTH_TOKENS": f"other,{TOKEN}"}, spares=1).start()
-        self.assertGreaterEqual(len(BAD_REQUESTS), 60)
+        self.assertGreaterEqual(len(BAD_REQUESTS), 60 + 30)
         yield wait_for(lambda: len(daemon.invocations()) == 1)
         [spare] = daemon.invocations()
         for name, method, path, headers, body, status, code in BAD_REQUESTS:

@@ -4,6 +4,7 @@ Unit tests of the pure parts: request validation, the argv, the stdin lines, lin
 
 from __future__ import annotations
 
+import base64
 import json
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -12,26 +13,110 @@ from claudesrv import command, sse
 from claudesrv.command import ApiError, ClaudeRequest, SpawnOptions, build_argv, build_env, parse_request
 from claudesrv.eventlog import frame
 from claudesrv.process import LineSplitter
+from claudesrv.schema import KNOWN, BodyLimits, problem, turn_schema
 
 SID = "6a1c5e0e-3b8c-4a57-9d7e-6ad0a39b8c11"
 SDK = ["--output-format", "stream-json", "--verbose", "--input-format", "stream-json",
        "--permission-prompt-tool", "stdio"]
 
 
+LIMITS = BodyLimits(max_prompt=100, max_system_prompt=50, max_image_bytes=64)
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 20
+
+
 def body(**fields: object) -> bytes:
     return json.dumps(fields).encode()
+
+
+def image(media_type: str, data: bytes) -> dict[str, object]:
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type,
+                                        "data": base64.b64encode(data).decode()}}
+
+
+#: (fields besides the prompt, error code, field named)
+BAD_OPTIONS: list[tuple[dict[str, object], str, str]] = [
+    ({"model": ""}, "invalid_field", "model"),
+    ({"model": "opus 4"}, "invalid_field", "model"),
+    ({"model": "m" * 101}, "invalid_field", "model"),
+    ({"model": "--help"}, "invalid_field", "model"),
+    ({"model": 4}, "invalid_field", "model"),
+    ({"effort": "extreme"}, "invalid_field", "effort"),
+    ({"effort": 1}, "invalid_field", "effort"),
+    ({"system_prompt": 5}, "invalid_field", "system_prompt"),
+    ({"system_prompt": "x" * 51}, "system_prompt_too_large", "system_prompt"),
+    ({"append_system_prompt": "é" * 26}, "append_system_prompt_too_large", "append_system_prompt"),
+    ({"system_prompt": "a", "append_system_prompt": "b"}, "invalid_field", "append_system_prompt"),
+    ({"system_prompt": "a\0b"}, "invalid_field", "system_prompt"),
+    ({"max_turns": 0}, "invalid_field", "max_turns"),
+    ({"max_turns": 1001}, "invalid_field", "max_turns"),
+    ({"max_turns": 2.5}, "invalid_field", "max_turns"),
+    ({"max_turns": True}, "invalid_field", "max_turns"),
+    ({"max_turns": "3"}, "invalid_field", "max_turns"),
+    ({"max_budget_usd": 0}, "invalid_field", "max_budget_usd"),
+    ({"max_budget_usd": -1}, "invalid_field", "max_budget_usd"),
+    ({"max_budget_usd": "1"}, "invalid_field", "max_budget_usd"),
+    ({"max_budget_usd": 1e300}, "invalid_field", "max_budget_usd"),
+    ({"json_schema": "{}"}, "invalid_field", "json_schema"),
+    ({"json_schema": []}, "invalid_field", "json_schema"),
+    ({"json_schema": {"description": "x" * (65 << 10)}}, "json_schema_too_large", "json_schema"),
+    ({"include_partial_messages": "yes"}, "invalid_field", "include_partial_messages"),
+    ({"permission_mode": "manual"}, "invalid_field", "permission_mode"),
+    ({"permission_mode": "Plan"}, "invalid_field", "permission_mode"),
+    ({"approvals": 1}, "invalid_field", "approvals"),
+    ({"allowedTools": ["Edit"], "allowed_tools": ["Edit"]}, "invalid_field", "allowed_tools"),
+    ({"dangerously_skip_permissions": True, "dangerously-skip-permissions": True}, "invalid_field",
+     "dangerously_skip_permissions"),
+    ({"disallowed_tools": [" Bash"]}, "invalid_field", "disallowed_tools"),
+    ({"prompt": []}, "invalid_field", "prompt"),
+    ({"prompt": [{"type": "text"}]}, "invalid_field", "prompt"),
+    ({"prompt": [{"type": "text", "text": " "}]}, "invalid_field", "prompt"),
+    ({"prompt": [{"type": "text", "text": "a", "cache_control": {}}]}, "invalid_field", "prompt"),
+    ({"prompt": [{"type": "video", "source": {}}]}, "invalid_field", "prompt"),
+    ({"prompt": [{"type": "text", "text": "x" * 60}, {"type": "text", "text": "y" * 60}]}, "prompt_too_large",
+     "prompt"),
+    ({"prompt": [image("image/bmp", PNG)]}, "invalid_field", "prompt"),
+    ({"prompt": [image("image/jpeg", PNG)]}, "invalid_field", "prompt"),
+    ({"prompt": [image("image/png", b"GIF89a")]}, "invalid_field", "prompt"),
+    ({"prompt": [image("image/png", PNG + b"\x00" * 50)]}, "prompt_too_large", "prompt"),
+    ({"prompt": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBOR*"}}]},
+     "invalid_field", "prompt"),
+    ({"prompt": [{"type": "image", "source": {"type": "url", "media_type": "image/png", "data": "x"}}]},
+     "invalid_field", "prompt"),
+]
 
 
 class ParseRequestTests(SynchronousTestCase):
     def test_full_request(self) -> None:
         """Every field of the schema is read into the request; the spawn-time ones into its options."""
         r = parse_request(body(prompt="hi", session_id=SID, **{"dangerously-skip-permissions": True},
-                               allowedTools=["Bash(git *)"], disallowedTools=["WebFetch"], detach=True), 1000)
+                               allowedTools=["Bash(git *)"], disallowedTools=["WebFetch"], detach=True), LIMITS)
         self.assertEqual(r, ClaudeRequest("hi", SID, SpawnOptions(True, ("Bash(git *)",), ("WebFetch",)), True))
-        self.assertEqual(parse_request(body(prompt="hi"), 1000), ClaudeRequest("hi"))
+        self.assertEqual(parse_request(body(prompt="hi"), LIMITS), ClaudeRequest("hi"))
+        schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+        options = {"allowed_tools": ["Edit"], "disallowed_tools": ["Bash"], "dangerously_skip_permissions": True,
+                   "model": "claude-sonnet-5-5[1m]", "effort": "xhigh", "append_system_prompt": "Be brief.",
+                   "max_turns": 3, "max_budget_usd": 0.5, "json_schema": schema, "include_partial_messages": True,
+                   "permission_mode": "plan", "approvals": True}
+        r = parse_request(body(prompt="hi", **options), LIMITS)
+        self.assertEqual(r.options, SpawnOptions(
+            skip_permissions=True, allowed_tools=("Edit",), disallowed_tools=("Bash",),
+            append_system_prompt="Be brief.", effort="xhigh", max_turns=3, max_budget_usd=0.5,
+            json_schema='{"properties":{"a":{"type":"string"},"b":{"type":"integer"}},"type":"object"}',
+            include_partial_messages=True))
+        self.assertEqual((r.model, r.permission_mode, r.approvals), ("claude-sonnet-5-5[1m]", "plan", True))
+        self.assertEqual(parse_request(body(prompt="hi", session_id=None, model=None), LIMITS), ClaudeRequest("hi"))
+
+    def test_prompt_blocks(self) -> None:
+        """A prompt may be content blocks: text, and base64 images that are what their media type says."""
+        blocks = [{"type": "text", "text": "what is this?"}, image("image/png", PNG)]
+        self.assertEqual(parse_request(body(prompt=blocks), LIMITS).prompt, blocks)
+        for media_type, data in [("image/jpeg", b"\xff\xd8\xff\xe0rest"), ("image/gif", b"GIF89a..."),
+                                 ("image/webp", b"RIFF\x10\x00\x00\x00WEBPVP8 ")]:
+            self.assertEqual(parse_request(body(prompt=[image(media_type, data)]), LIMITS).prompt[0]["source"]
+                             ["media_type"], media_type)
 
     def assertRefused(self, raw: bytes, code: str, field: str | None) -> None:
-        e = self.assertRaises(ApiError, parse_request, raw, 100)
+        e = self.assertRaises(ApiError, parse_request, raw, LIMITS)
         self.assertEqual((e.status, e.code, e.field), (400, code, field))
 
     def test_refusals_name_the_field(self) -> None:
@@ -53,6 +138,22 @@ class ParseRequestTests(SynchronousTestCase):
         self.assertRefused(body(prompt="x", allowedTools=[""]), "invalid_field", "allowedTools")
         self.assertRefused(body(prompt="x", disallowedTools=["--model"]), "invalid_field", "disallowedTools")
         self.assertRefused(body(prompt="x", disallowedTools=["Bash\n"]), "invalid_field", "disallowedTools")
+        for fields, code, field in BAD_OPTIONS:
+            self.assertRefused(body(**{"prompt": "x", **fields}), code, field)
+
+    def test_schema_keywords_are_all_enforced(self) -> None:
+        """Every keyword in the served schema is one the validator checks (none is written and ignored)."""
+        def walk(node: object) -> None:
+            if isinstance(node, dict):
+                self.assertIsNone(problem({k: v for k, v in node.items() if k in KNOWN}, None, "x") and None)
+                self.assertLessEqual(set(node) - {"properties"}, KNOWN, node)
+                for key, value in node.items():
+                    walk(value if key != "properties" else list(value.values()))
+            elif isinstance(node, list):
+                for item in node:
+                    walk(item)
+        walk(turn_schema(LIMITS))
+        self.assertRaises(ValueError, problem, {"type": "string", "uniqueItems": True}, "a", "x")
 
 
 class ArgvTests(SynchronousTestCase):
