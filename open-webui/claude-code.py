@@ -15,13 +15,19 @@ description: Chat with Claude Code through a claudesrv server, one Claude Code s
 #   dangerously-skip-permissions=true
 #   allowedTools=["Bash","Edit"]         (or allowedTools=Bash,Edit)
 #   disallowedTools=["WebFetch"]
+#   model=sonnet                         (an alias: sonnet, opus, haiku; or a full model name)
+#   effort=high                          (low, medium, high, xhigh or max)
+#   system_prompt=You are terse.         (replaces the system prompt; "a JSON string" for several lines)
+#   max_budget_usd=0.50                  (the most a turn may spend, in US dollars)
 #   new_session=true                     (start a fresh Claude Code session with this message)
 #   prompt=...                           (this line's value and every line after it, verbatim)
-# Settings given in earlier messages of the chat stay in force until overridden. Every other
-# line, including other "x=y" lines, is part of the prompt.
+# Settings given in earlier messages of the chat stay in force until overridden; an empty value
+# (model=) goes back to the valve's default. Every other line, including other "x=y" lines, is
+# part of the prompt. Images attached to the message are sent with it (PNG, JPEG, GIF, WebP).
 #
 # Each answer ends with a line "session_id=<uuid>": the next message resumes that session.
 # The server enforces what is allowed; this pipe only forwards what the user asked for.
+# Claude's thinking shows in Open WebUI's own reasoning block ("Thought for N seconds").
 #
 # With the valve approvals on, a tool that was not pre-approved is not denied at once: Open WebUI
 # shows a confirmation dialog (Confirm allows the tool, Cancel denies it), and a question from
@@ -29,10 +35,14 @@ description: Chat with Claude Code through a claudesrv server, one Claude Code s
 # latest when the server's wait for the answer runs out.
 
 import asyncio
+import binascii
 import codecs
+import html
 import json
 import logging
+import math
 import re
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
@@ -40,6 +50,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 log = logging.getLogger(__name__)
+clock = time.monotonic  # how long Claude thought is measured with this (tests replace it)
 
 EventEmitter = Callable[[dict[str, Any]], Awaitable[Any]]
 EventCall = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -53,11 +64,33 @@ ALLOWED_TOOLS = "allowedTools"
 DISALLOWED_TOOLS = "disallowedTools"
 NEW_SESSION = "new_session"
 PROMPT = "prompt"
+MODEL = "model"
+EFFORT = "effort"
+SYSTEM_PROMPT = "system_prompt"
+MAX_BUDGET_USD = "max_budget_usd"
 PARAMETER_LINE = re.compile(
-    r"^[ \t]*(dangerously-skip-permissions|allowedTools|disallowedTools|new_session|prompt)[ \t]*=(.*)$"
+    r"^[ \t]*(dangerously-skip-permissions|allowedTools|disallowedTools|model|effort|system_prompt|max_budget_usd"
+    r"|new_session|prompt)[ \t]*=(.*)$"
 )
+# Settings sent as they are when set (None: not sent); an empty value in a message goes back to the valve's.
+VALUE_KEYS = (MODEL, EFFORT, SYSTEM_PROMPT, MAX_BUDGET_USD)
 # Settings that carry over from earlier messages of a chat (prompt and new_session apply once).
-LASTING_KEYS = (SKIP_PERMISSIONS, ALLOWED_TOOLS, DISALLOWED_TOOLS)
+LASTING_KEYS = (SKIP_PERMISSIONS, ALLOWED_TOOLS, DISALLOWED_TOOLS, *VALUE_KEYS)
+
+# What the server accepts (its /openapi.json): checked here too, so a typo is explained before anything is sent.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-_:\[\]]{0,99}")
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
+MAX_BUDGET_LIMIT = 1_000_000
+
+# Images attached in Open WebUI: the types Claude takes, told by their first bytes (Open WebUI's label may be wrong).
+IMAGE_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
+MAX_IMAGES = 99  # the server takes at most 100 content blocks: the images and the text
+DATA_URL = re.compile(r"data:([^,;]*)((?:;[^,;]*)*),(.*)", re.DOTALL)
 
 TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
@@ -229,14 +262,84 @@ def parse_tools(key: str, value: str) -> list[str]:
     return tools
 
 
+def parse_text(key: str, value: str) -> str | None:
+    """
+    A text value: as typed (trimmed), or, when it starts with a double quote, a JSON string (which can hold
+    several lines, ``"line one\\nline two"``). Empty: None, which means the default.
+    """
+    value = value.strip()
+    if value.startswith('"'):
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            decoded = None
+        if not isinstance(decoded, str):
+            raise ParamError(f'`{key}` starts with a double quote, so it must be one JSON string, such as '
+                             f'"first line\\nsecond line".')
+        value = decoded
+    return check_text(key, value)
+
+
+def check_text(key: str, value: str) -> str | None:
+    """A text setting as it will be sent: None when empty; refused when it starts with ``-`` or holds NUL."""
+    if not value.strip():
+        return None
+    if value.startswith("-"):
+        raise ParamError(f"`{key}` must not start with `-`.")
+    if "\0" in value:
+        raise ParamError(f"`{key}` must not contain NUL characters.")
+    return value
+
+
+def parse_model(key: str, value: str) -> str | None:
+    """A model: an alias (sonnet, opus, haiku) or a full name, as the server accepts them; empty: None."""
+    model = parse_text(key, value)
+    if model is not None and not MODEL_NAME.fullmatch(model):
+        raise ParamError(f"`{key}` must be a model alias such as sonnet, opus or haiku, or a full model name "
+                         f"(letters, digits and . - _ : [ ], at most 100 characters), not `{one_line(model)}`.")
+    return model
+
+
+def parse_effort(key: str, value: str) -> str | None:
+    """An effort level (any case); empty: None."""
+    effort = parse_text(key, value)
+    if effort is None:
+        return None
+    if effort.strip().lower() not in EFFORTS:
+        raise ParamError(f"`{key}` must be one of {', '.join(EFFORTS)}, not `{one_line(effort)}`.")
+    return effort.strip().lower()
+
+
+def parse_budget(key: str, value: str) -> float | None:
+    """A budget in US dollars (``0.50``, ``$2``), above 0 and at most the server's limit; empty: None."""
+    text = parse_text(key, value)
+    if text is None:
+        return None
+    try:
+        budget = float(text.strip().removeprefix("$"))
+    except ValueError:
+        budget = math.nan
+    if not (math.isfinite(budget) and 0 < budget <= MAX_BUDGET_LIMIT):
+        raise ParamError(f"`{key}` must be a number of US dollars above 0 and at most {MAX_BUDGET_LIMIT:,}, "
+                         f"such as 0.50, not `{one_line(text)}`.")
+    return budget
+
+
+VALUE_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    MODEL: parse_model, EFFORT: parse_effort, SYSTEM_PROMPT: parse_text, MAX_BUDGET_USD: parse_budget,
+}
+
+
 def parse_params(text: str) -> tuple[dict[str, Any], str]:
     """
     Split a user's message into its parameter lines and its prompt.
 
     Only the known keys are read (dangerously-skip-permissions, allowedTools, disallowedTools,
-    new_session, prompt), one per line; every other line, ``x=y`` lines included, stays in the
-    prompt. ``prompt=`` takes its own value and every line after it verbatim, after any other
-    text before it. A value starting with ``-`` is refused with L{ParamError}.
+    model, effort, system_prompt, max_budget_usd, new_session, prompt), one per line; every other
+    line, ``x=y`` lines included, stays in the prompt. ``prompt=`` takes its own value and every
+    line after it verbatim, after any other text before it. A value starting with ``-``, or one
+    the server would refuse, is refused with L{ParamError}; an empty model, effort, system_prompt
+    or max_budget_usd is None (back to the default).
     Returns the parameters (keyed as the server names them) and the prompt, trimmed.
     """
     params: dict[str, Any] = {}
@@ -259,6 +362,8 @@ def parse_params(text: str) -> tuple[dict[str, Any], str]:
             raise ParamError(f"`{key}` must not start with `-` (got `{value}`).")
         if key in (SKIP_PERMISSIONS, NEW_SESSION):
             params[key] = parse_bool(key, value)
+        elif key in VALUE_PARSERS:
+            params[key] = VALUE_PARSERS[key](key, value)
         else:
             params[key] = parse_tools(key, value)
     return params, "\n".join(kept).strip()
@@ -269,19 +374,36 @@ def user_messages(messages: list[dict[str, Any]]) -> list[str]:
     return [message_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"]
 
 
+def valve_defaults(valves: Any) -> dict[str, Any]:
+    """The settings the valves give (raises L{ParamError} naming the valve when one is refused)."""
+    return {
+        SKIP_PERMISSIONS: bool(valves.default_skip_permissions),
+        ALLOWED_TOOLS: parse_tools("default_allowed_tools valve", valves.default_allowed_tools),
+        DISALLOWED_TOOLS: parse_tools("default_disallowed_tools valve", valves.default_disallowed_tools),
+        MODEL: parse_model("default_model valve", valves.default_model),
+        EFFORT: parse_effort("default_effort valve", valves.default_effort),
+        SYSTEM_PROMPT: check_text("default_system_prompt valve", valves.default_system_prompt.strip()),
+        MAX_BUDGET_USD: parse_budget("default_max_budget_usd valve", valves.default_max_budget_usd),
+    }
+
+
 def collect_params(messages: list[dict[str, Any]], valves: Any) -> tuple[dict[str, Any], str]:
     """
     The parameters in force for the newest user message, and its prompt.
 
     The valves give the defaults; settings from earlier user messages carry over (a message that
-    was refused counts for nothing); the newest message overrides them. Raises L{ParamError}
-    when the newest message has a refused value.
+    was refused counts for nothing); the newest message overrides them. An empty model, effort,
+    system_prompt or max_budget_usd goes back to the valve's default. Raises L{ParamError} when the
+    newest message, or a valve, has a refused value.
     """
-    params: dict[str, Any] = {
-        SKIP_PERMISSIONS: bool(valves.default_skip_permissions),
-        ALLOWED_TOOLS: parse_tools("default_allowed_tools valve", valves.default_allowed_tools),
-        DISALLOWED_TOOLS: parse_tools("default_disallowed_tools valve", valves.default_disallowed_tools),
-    }
+    defaults = valve_defaults(valves)
+    params = dict(defaults)
+
+    def apply(given: dict[str, Any], keys: Iterable[str]) -> None:
+        for key in keys:
+            if key in given:
+                params[key] = defaults[key] if key in VALUE_KEYS and given[key] is None else given[key]
+
     texts = user_messages(messages)
     if not texts:
         return params, ""
@@ -290,15 +412,19 @@ def collect_params(messages: list[dict[str, Any]], valves: Any) -> tuple[dict[st
             given, _ = parse_params(earlier)
         except ParamError:
             continue
-        params.update({key: value for key, value in given.items() if key in LASTING_KEYS})
+        apply(given, LASTING_KEYS)
     given, prompt = parse_params(texts[-1])
-    params.update(given)
+    apply(given, given.keys())
     return params, prompt
 
 
-def build_payload(prompt: str, params: dict[str, Any], session_id: str | None,
+def build_payload(prompt: str | list[dict[str, Any]], params: dict[str, Any], session_id: str | None,
                   approvals: bool = False) -> dict[str, Any]:
-    """The JSON body of POST /api/claude (``approvals``: ask this pipe about tools that are not pre-approved)."""
+    """
+    The JSON body of POST /api/claude: the prompt (a string, or content blocks when images come with it),
+    and the session and settings that are set (``approvals``: ask this pipe about tools that are not
+    pre-approved).
+    """
     payload: dict[str, Any] = {"prompt": prompt}
     if session_id is not None:
         payload["session_id"] = session_id
@@ -307,14 +433,27 @@ def build_payload(prompt: str, params: dict[str, Any], session_id: str | None,
     for key in (ALLOWED_TOOLS, DISALLOWED_TOOLS):
         if params.get(key):
             payload[key] = list(params[key])
+    for key in VALUE_KEYS:
+        if params.get(key) is not None:
+            payload[key] = params[key]
     if approvals:
         payload["approvals"] = True
     return payload
 
 
+def setting_line(key: str, value: Any) -> str:
+    """One setting as the user would type it (a text that would not read back the same as a JSON string)."""
+    if isinstance(value, str) and (value != value.strip() or "\n" in value or value.startswith('"')):
+        return f"{key}={json.dumps(value, ensure_ascii=False)}"
+    if isinstance(value, str):
+        return f"{key}={value}"
+    return f"{key}={json.dumps(value)}"
+
+
 def describe_params(params: dict[str, Any]) -> str:
-    """The lasting settings as the user would type them."""
-    return "\n".join(f"{key}={json.dumps(params[key])}" for key in LASTING_KEYS if key in params)
+    """The lasting settings as the user would type them (the model, effort, ... only when set)."""
+    return "\n".join(setting_line(key, params[key]) for key in LASTING_KEYS
+                     if key in params and not (key in VALUE_KEYS and params[key] is None))
 
 
 def has_parameters(text: str) -> bool:
@@ -331,6 +470,81 @@ def empty_prompt_reply(messages: list[dict[str, Any]], params: dict[str, Any]) -
         return ("These settings apply to your next messages in this chat:\n\n"
                 + code_block(describe_params(params)))
     return "There is nothing to send: the message has no text."
+
+
+# --------------------------------------------------------------------------- images
+
+
+def sniff_image(data: bytes) -> str | None:
+    """The media type of image data Claude takes (PNG, JPEG, GIF, WebP), told by its first bytes; else None."""
+    for magic, media_type in IMAGE_MAGIC:
+        if data.startswith(magic):
+            return media_type
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def image_block(url: Any) -> tuple[dict[str, Any] | None, str]:
+    """
+    An attached image's URL as an image content block, or None and why it cannot be sent. Only ``data:`` URLs
+    in base64 of a PNG, JPEG, GIF or WebP image are sent, with the media type their bytes show.
+    """
+    if not isinstance(url, str) or not url.strip():
+        return None, "an attachment without image data"
+    found = DATA_URL.fullmatch(url.strip())
+    if found is None:
+        return None, f"an image given as a link, not as data ({one_line(url, 60)})"
+    declared = found.group(1).strip().lower() or "text/plain"
+    if "base64" not in [part.strip().lower() for part in found.group(2).split(";")]:
+        return None, f"an attachment of type {declared} that is not base64 data"
+    encoded = re.sub(r"\s+", "", found.group(3))
+    try:
+        data = binascii.a2b_base64(encoded, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return None, f"an attachment of type {declared} whose data is not valid base64"
+    media_type = sniff_image(data)
+    if media_type is None:
+        return None, f"an attachment of type {declared} (Claude takes PNG, JPEG, GIF and WebP images)"
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": encoded}}, ""
+
+
+def message_images(content: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """
+    The image content blocks of a message's content (Open WebUI's ``image_url`` parts, which it fills with
+    ``data:`` URLs), and what could not be sent, said in a few words each.
+    """
+    blocks: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for part in content if isinstance(content, list) else []:
+        if not isinstance(part, dict) or part.get("type") not in ("image_url", "input_image"):
+            continue
+        url = part.get("image_url")
+        block, why = image_block(url.get("url") if isinstance(url, dict) else url)
+        if block is None:
+            skipped.append(why)
+        elif len(blocks) < MAX_IMAGES:
+            blocks.append(block)
+        else:
+            skipped.append(f"an image past the first {MAX_IMAGES} of the message")
+    return blocks, skipped
+
+
+def last_user_content(messages: list[dict[str, Any]]) -> Any:
+    """The content of the newest user message (None without one)."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return message.get("content")
+    return None
+
+
+def skipped_note(skipped: list[str]) -> str:
+    """A short note on the attachments that were not sent."""
+    counts: dict[str, int] = {}
+    for why in skipped:
+        counts[why] = counts.get(why, 0) + 1
+    said = "; ".join(why if n == 1 else f"{why} (×{n})" for why, n in counts.items())
+    return f"_Not sent to Claude: {said}._"
 
 
 # --------------------------------------------------------------------------- sessions
@@ -493,11 +707,24 @@ def render_error(event: dict[str, Any]) -> str:
     return text
 
 
-def render_event(event: dict[str, Any], valves: Any) -> str:
+def render_thinking(thinking: str, seconds: int) -> str:
     """
-    The Markdown one CLI event adds to the answer ("" for none): assistant text as it is, tool
-    calls and results as collapsed ``<details>`` blocks when the valves show them, and a readable
-    error for a failed ``result``. Blocks are separated by blank lines.
+    Claude's thinking in Open WebUI's own reasoning block, written as Open WebUI writes it for a model's
+    reasoning: ``<details type="reasoning" done="true" duration="N">``, a summary, then the lines quoted
+    with ``> `` and HTML-escaped (Open WebUI unescapes them to show them; so nothing in them can close
+    the block). Open WebUI shows it collapsed, titled "Thought for N seconds".
+    """
+    quoted = "\n".join(line if line.startswith(">") else f"> {line}" for line in thinking.strip().splitlines())
+    return (f'<details type="reasoning" done="true" duration="{seconds}">\n'
+            f"<summary>Thought for {seconds} seconds</summary>\n{html.escape(quoted)}\n</details>")
+
+
+def render_event(event: dict[str, Any], valves: Any, elapsed: float = 0.0) -> str:
+    """
+    The Markdown one CLI event adds to the answer ("" for none): assistant text as it is, thinking in
+    Open WebUI's reasoning block (``elapsed``: the seconds since the event before, which the CLI spent
+    on it), tool calls and results as collapsed ``<details>`` blocks when the valves show them, and a
+    readable error for a failed ``result``. Blocks are separated by blank lines.
     """
     kind = event.get("type")
     message = event.get("message")
@@ -514,7 +741,7 @@ def render_event(event: dict[str, Any], valves: Any) -> str:
             elif block.get("type") == "thinking" and valves.show_thinking:
                 thinking = str(block.get("thinking") or "")
                 if thinking.strip():
-                    pieces.append(collapsible("Thinking", defuse_tags(thinking.strip())))
+                    pieces.append(render_thinking(thinking, max(0, int(elapsed))))
     elif kind == "user" and isinstance(content, list) and valves.show_tools:
         for block in content:
             if isinstance(block, dict) and block.get("type") == "tool_result":
@@ -577,12 +804,27 @@ def result_status(event: dict[str, Any]) -> str:
     return "Done" + (f" ({', '.join(facts)})" if facts else "")
 
 
+SETTING_OTHER_VALUES = {MODEL: "a model this server offers", EFFORT: "another level",
+                        MAX_BUDGET_USD: "a smaller amount"}
+
+
+def setting_hint(field: str) -> str:
+    """How to change a setting the server refused (a message setting, or the valve behind it)."""
+    other = SETTING_OTHER_VALUES.get(field)
+    change = f"`{field}=` with {other}, or with nothing after it to go back to the default" if other else \
+        f"`{field}=` with nothing after it to go back to the default"
+    return (f"Send {change} (alone or with your request); the setting stays in force for the rest of this chat. "
+            f"If the default (this function's `default_{field}` valve) is what was refused, an admin has to "
+            "change it.")
+
+
 def render_http_error(status: int, body: bytes) -> str:
     """A readable account of a refusal before streaming: ``{"error": {"code", "message"}}`` or any body."""
-    code, message = "", ""
+    code, message, field = "", "", ""
     try:
         error = json.loads(body).get("error", {})
         code, message = str(error.get("code", "")), str(error.get("message", ""))
+        field = str(error.get("field") or "")
     except (ValueError, AttributeError, UnicodeDecodeError):
         message = body.decode("utf-8", "replace").strip()[:500]
     text = f"**claudesrv refused the request** (HTTP {status}{' ' + code if code else ''})"
@@ -595,6 +837,8 @@ def render_http_error(status: int, body: bytes) -> str:
                  "the setting stays in force for the rest of this chat.")
     elif code == "approvals_denied":
         text += "\n\nThis server asks nobody about tools: switch off the `approvals` valve of this function."
+    elif field in VALUE_KEYS:
+        text += "\n\n" + setting_hint(field)
     elif code in ("session_not_found", "workspace_missing") or status == 410:
         text += "\n\n" + NEW_SESSION_HINT
     elif code == "session_busy":
@@ -934,7 +1178,9 @@ class Pipe:
             default=2000, ge=0,
             description="Most characters of each tool call's arguments or result to show (0: summary line only).",
         )
-        show_thinking: bool = Field(default=False, description="Show Claude's thinking as a collapsed block.")
+        show_thinking: bool = Field(
+            default=True, description="Show Claude's thinking in Open WebUI's reasoning block (collapsed)."
+        )
         default_skip_permissions: bool = Field(
             default=False, description="Send dangerously-skip-permissions unless the chat says otherwise."
         )
@@ -943,6 +1189,20 @@ class Pipe:
         )
         default_disallowed_tools: str = Field(
             default="", description='Default disallowedTools: WebFetch or ["WebFetch"].'
+        )
+        default_model: str = Field(
+            default="", description="Default model: an alias (sonnet, opus, haiku) or a full model name. "
+                                    "Empty: the server's default."
+        )
+        default_effort: str = Field(
+            default="", description="Default effort: low, medium, high, xhigh or max. Empty: the server's default."
+        )
+        default_system_prompt: str = Field(
+            default="", description="Default system prompt, replacing Claude Code's own. Empty: Claude Code's own."
+        )
+        default_max_budget_usd: str = Field(
+            default="", description="Default most US dollars a turn may spend, such as 0.50. Empty: the server's "
+                                    "default."
         )
         approvals: bool = Field(
             default=False,
@@ -1010,14 +1270,21 @@ class Pipe:
         except ParamError as e:
             yield f"**Not sent:** {e}"
             return
-        if not prompt:
-            yield empty_prompt_reply(messages, params)
+        images, skipped = message_images(last_user_content(messages))
+        if skipped:
+            yield paragraph(skipped_note(skipped))
+        if not prompt and not images:
+            yield paragraph(empty_prompt_reply(messages, params))
             return
+        # Images first, then the text (as Anthropic advises); without images the prompt stays a string.
+        content: str | list[dict[str, Any]] = prompt
+        if images:
+            content = images + ([{"type": "text", "text": prompt}] if prompt else [])
 
         resume = None if params.get(NEW_SESSION) else self.session_to_resume(messages, chat_id)
         marker: str | None = resume  # the session this answer belongs to
         # Without __event_call__ (not a browser chat) nobody can be asked: the server denies as without the valve.
-        payload = build_payload(prompt, params, resume, approvals=valves.approvals and __event_call__ is not None)
+        payload = build_payload(content, params, resume, approvals=valves.approvals and __event_call__ is not None)
         url = valves.base_url.rstrip("/") + "/api/claude"
         final_status = "Stopped"  # unless the run ends otherwise
         await status("Resuming the Claude Code session…" if resume else "Starting Claude Code…")
@@ -1039,11 +1306,14 @@ class Pipe:
                                 approvals.session_id = header
                             decoder = SSEDecoder()
                             result: dict[str, Any] | None = None
+                            last_event_at = clock()  # thinking takes the time since the event before
                             async for chunk in response.aiter_bytes():
                                 for data in decoder.feed(chunk):
                                     event = decode_event(data)
                                     if event is None:
                                         continue
+                                    now = clock()
+                                    elapsed, last_event_at = now - last_event_at, now
                                     reported = event.get("session_id")
                                     if isinstance(reported, str) and SESSION_ID.fullmatch(reported):
                                         marker = reported
@@ -1057,7 +1327,7 @@ class Pipe:
                                             approvals.request(event)
                                         elif event.get("subtype") == "permission_resolved":
                                             approvals.resolved(event)
-                                    text = render_event(event, valves)
+                                    text = render_event(event, valves, elapsed)
                                     if text:
                                         yield paragraph(text)
                                     if event.get("type") == "result":

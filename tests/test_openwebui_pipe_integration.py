@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.support import Daemon, Since, pid_alive, post, state_lines, wait_for
-from tests.test_openwebui_pipe_units import HANG, Dialogs, load_pipe_module
+from tests.test_openwebui_pipe_units import HANG, PNG, PNG_URL, Dialogs, image_block, image_part, load_pipe_module
 
 MARKER = re.compile(r"\nsession_id=([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\Z")
 
@@ -95,9 +95,18 @@ class Turn:
         return self.recorder.statuses()
 
 
+# Longest a conversation with the pipe may take, below the tests' timeout: a thread still running when the test
+# gives up would keep the reactor's thread pool, and so trial, from ever finishing.
+THREAD_LIMIT = 45
+
+
 def in_thread(coroutine_function: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-    """Run an asyncio coroutine function under asyncio.run in a reactor thread; a Deferred of its result."""
-    return deferToThread(asyncio.run, coroutine_function())
+    """Run an asyncio coroutine function under asyncio.run in a reactor thread, for at most THREAD_LIMIT seconds
+    (then it is cancelled and the Deferred fails with TimeoutError); a Deferred of its result."""
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coroutine_function(), THREAD_LIMIT)
+
+    return deferToThread(asyncio.run, bounded())
 
 
 def run_pipe(pipe: Any, body: dict[str, Any], **dunders: Any) -> Any:
@@ -209,7 +218,8 @@ class PipeAgainstDaemon(TestCase):
     def second_turn_resumes_from_history(self, daemon: Since) -> Any:
         """A later message resumes the session named by the marker in the history (string or
         list-of-parts content alike), in the session's own warm CLI process; a fresh Pipe finds it, so it
-        comes from the history and not from the pipe's memory."""
+        comes from the history and not from the pipe's memory. An image given by link is not sent, and the
+        answer says so first."""
         first = yield run_pipe(make_pipe(base_url=daemon.url), chat(user("hello")))
         session = first.session_id()
         self.assertIsNotNone(session)
@@ -227,6 +237,8 @@ class PipeAgainstDaemon(TestCase):
                  user([{"type": "text", "text": "third"}, {"type": "image_url", "image_url": {"url": "x"}}])]
         third = yield run_pipe(make_pipe(base_url=daemon.url), chat(*parts))
         self.assertIn(reply_to("third"), third.text)
+        self.assertTrue(third.text.startswith("_Not sent to Claude: an image given as a link, not as data (x)._\n\n"),
+                        third.text)
         self.assertEqual(third.session_id(), session)
 
         turns = daemon.turns()
@@ -334,6 +346,72 @@ class PipeAgainstDaemon(TestCase):
         self.assertNotEqual(second["pid"], call["pid"])
         yield wait_stopped(self, daemon, second["pid"])
         self.assertEqual(cancelling.statuses()[-1], ("Stopped", True))
+
+
+class OptionsThroughDaemon(TestCase):
+    """model=, effort=, system_prompt=, max_budget_usd= and attached images, through a real daemon to the fake CLI,
+    whose turns.jsonl records what each turn got; and the daemon's policy refusals as the user reads them."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_settings_and_image_reach_the_cli(self) -> Any:
+        """A message with model=sonnet, effort, a system prompt, a budget and an attached PNG: the CLI is started
+        with that model and those options, and its turn gets the image block and then the text; the next message
+        of the chat, without an image, keeps the settings and sends its text alone."""
+        daemon = yield Daemon(self).start()
+        settings = "model=sonnet\neffort=high\nsystem_prompt=Answer briefly.\nmax_budget_usd=0.5\n"
+        first_message = user([{"type": "text", "text": settings + "what is in the picture?"}, image_part(PNG_URL)])
+        first = yield run_pipe(make_pipe(base_url=daemon.url), chat(first_message))
+        self.assertIn(reply_to("what is in the picture?"), first.text)
+        self.assertIsNotNone(first.session_id())
+        [call] = daemon.invocations()
+        self.assertIn("--model=sonnet", call["argv"])
+        for option in ("--effort=high", "--system-prompt=Answer briefly.", "--max-budget-usd=0.5"):
+            self.assertIn(option, call["argv"])
+        [stdin] = [line for line in daemon.stdin() if line.get("type") == "user"]
+        self.assertEqual(stdin["message"]["content"],
+                         [image_block("image/png", PNG), {"type": "text", "text": "what is in the picture?"}])
+        [turn] = daemon.turns()
+        self.assertEqual(turn["prompt"], "what is in the picture?")
+        self.assertIn("sonnet", turn["model"])  # the alias, as the CLI resolves it
+        self.assertEqual({key: turn[key] for key in ("images", "effort", "system_prompt", "max_budget_usd")},
+                         {"images": ["image/png"], "effort": "high", "system_prompt": "Answer briefly.",
+                          "max_budget_usd": 0.5})
+
+        second = yield run_pipe(make_pipe(base_url=daemon.url),
+                                chat(first_message, assistant(first.stored), user("and the colours?")))
+        self.assertIn(reply_to("and the colours?"), second.text)
+        self.assertEqual(second.session_id(), first.session_id())
+        later = daemon.turns()[1]
+        self.assertEqual((later["prompt"], later["pid"]), ("and the colours?", call["pid"]))
+        self.assertIn("sonnet", later["model"])
+        self.assertEqual((later["images"], later["effort"], later["max_budget_usd"]), ([], "high", 0.5))
+        [_, stdin] = [line for line in daemon.stdin() if line.get("type") == "user"]
+        self.assertEqual(stdin["message"]["content"], "and the colours?")
+
+    @inlineCallbacks
+    def test_policy_refusals_readable(self) -> Any:
+        """A daemon that offers only sonnet models, at most $1 a turn and no replaced system prompt: each refusal
+        is readable text naming the daemon's option and saying how to change the setting; no CLI runs; a message
+        dropping the refused setting goes through."""
+        daemon = yield Daemon(self, "--allow-model", "sonnet*", "--max-budget-usd", "1",
+                              "--allow-system-prompt", "append").start()
+        for line, code, option in (("model=opus", "model_not_allowed", "--allow-model"),
+                                    ("max_budget_usd=5", "budget_over_limit", "--max-budget-usd"),
+                                    ("system_prompt=Be terse.", "system_prompt_denied", "--allow-system-prompt")):
+            turn = yield run_pipe(make_pipe(base_url=daemon.url), chat(user(f"{line}\nhello")))
+            self.assertIn(f"**claudesrv refused the request** (HTTP 403 {code}): ", turn.text)
+            self.assertIn(option, turn.text)
+            key = line.split("=")[0]
+            self.assertIn(f"Send `{key}=` with", turn.text)
+            self.assertIsNone(turn.session_id())
+            self.assertEqual(turn.statuses()[-1], ("Refused (HTTP 403)", True))
+        self.assertEqual(daemon.invocations(), [])
+        refused = user("model=opus\nhello")
+        fixed = yield run_pipe(make_pipe(base_url=daemon.url),
+                               chat(refused, assistant("**claudesrv refused the request**"), user("model=\nhello")))
+        self.assertIn(reply_to("hello"), fixed.text)
 
 
 class ErrorsRendered(TestCase):

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
+import itertools
 import json
 import re
+import struct
 import sys
 import types
 import uuid
-from collections.abc import AsyncIterator, Callable
+import zlib
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from twisted.trial.unittest import SynchronousTestCase
@@ -66,6 +70,40 @@ def sse(*events: dict[str, Any]) -> bytes:
 
 def user(content: Any) -> dict[str, Any]:
     return {"role": "user", "content": content}
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+# A real 1x1 PNG, and the first bytes of the other image types Claude takes.
+PNG = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 6, 0, 0, 0))
+       + png_chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00\xff")) + png_chunk(b"IEND", b""))
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 20
+GIF = b"GIF89a\x01\x00\x01\x00" + b"\x00" * 20
+WEBP = b"RIFF\x1a\x00\x00\x00WEBPVP8 " + b"\x00" * 20
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg"/>'
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def data_url(media_type: str, data: bytes) -> str:
+    return f"data:{media_type};base64,{b64(data)}"
+
+
+def image_part(url: str) -> dict[str, Any]:
+    """An image attached in Open WebUI, as its messages carry it."""
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def image_block(media_type: str, data: bytes) -> dict[str, Any]:
+    """An image content block as the server takes it."""
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": b64(data)}}
+
+
+PNG_URL = data_url("image/png", PNG)
 
 
 def assistant(content: Any) -> dict[str, Any]:
@@ -148,6 +186,18 @@ def make_pipe(server: FakeServer | None = None, **valve_values: Any) -> Any:
     return pipe
 
 
+T = TypeVar("T")
+LOOP_LIMIT = 30  # seconds any one event loop of these tests may run
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, bounded: a pipe that never ends fails its test (TimeoutError) instead of hanging the run."""
+    async def bounded() -> T:
+        return await asyncio.wait_for(coroutine, LOOP_LIMIT)
+
+    return asyncio.run(bounded())
+
+
 def run_pipe(pipe: Any, body: dict[str, Any], **kwargs: Any) -> tuple[str, list[dict[str, Any]]]:
     """The pipe's whole answer and the status events it emitted."""
     events: list[dict[str, Any]] = []
@@ -158,7 +208,7 @@ def run_pipe(pipe: Any, body: dict[str, Any], **kwargs: Any) -> tuple[str, list[
     async def collect() -> str:
         return "".join([piece async for piece in pipe.pipe(body, __event_emitter__=emitter, **kwargs)])
 
-    return asyncio.run(collect()), events
+    return run_async(collect()), events
 
 
 class NoClient:
@@ -336,7 +386,8 @@ class ParseParamsTests(SynchronousTestCase):
 
     def test_unknown_assignments_stay_in_prompt(self) -> None:
         """Any other x=y line (other names, other case) is part of the prompt, untouched."""
-        text = "model=opus\nx = 1\nDangerously-Skip-Permissions=true\nsession_id=" + SESSION_A + "\nhello"
+        text = ("temperature=0.2\nx = 1\nDangerously-Skip-Permissions=true\nModel=opus\nsession_id=" + SESSION_A
+                + "\nhello")
         params, prompt = pipe_module.parse_params(text)
         self.assertEqual(params, {})
         self.assertEqual(prompt, text)
@@ -383,6 +434,10 @@ class ParseParamsTests(SynchronousTestCase):
         self.assertEqual(prompt, "line a\r\nline b")
 
 
+# The model, effort, system prompt and budget when neither the valves nor the chat set them: not sent.
+UNSET = {"model": None, "effort": None, "system_prompt": None, "max_budget_usd": None}
+
+
 class CollectParamsTests(SynchronousTestCase):
     def test_valve_defaults(self) -> None:
         """With nothing said in the chat, the valves' defaults apply."""
@@ -390,7 +445,7 @@ class CollectParamsTests(SynchronousTestCase):
             [user("hi")], valves(default_skip_permissions=True, default_allowed_tools="Bash,Edit",
                                  default_disallowed_tools='["WebFetch"]'))
         self.assertEqual(params, {"dangerously-skip-permissions": True, "allowedTools": ["Bash", "Edit"],
-                                  "disallowedTools": ["WebFetch"]})
+                                  "disallowedTools": ["WebFetch"], **UNSET})
         self.assertEqual(prompt, "hi")
 
     def test_settings_carry_over(self) -> None:
@@ -404,7 +459,7 @@ class CollectParamsTests(SynchronousTestCase):
         ]
         params, prompt = pipe_module.collect_params(messages, valves())
         self.assertEqual(params, {"dangerously-skip-permissions": True, "allowedTools": ["Bash"],
-                                  "disallowedTools": ["WebFetch"]})
+                                  "disallowedTools": ["WebFetch"], **UNSET})
         self.assertEqual(prompt, "third")
 
     def test_newer_settings_override(self) -> None:
@@ -450,6 +505,172 @@ class CollectParamsTests(SynchronousTestCase):
             {"prompt": "hi", "session_id": SESSION_A, "dangerously-skip-permissions": True,
              "allowedTools": ["Bash"], "disallowedTools": ["Edit"]})
         self.assertEqual(build("hi", {}, None, approvals=True), {"prompt": "hi", "approvals": True})
+
+
+class ModelSettingsTests(SynchronousTestCase):
+    """model=, effort=, system_prompt= and max_budget_usd=: typed in a message or set as valves."""
+
+    def test_read_from_a_message(self) -> None:
+        """Each is read and removed from the prompt; effort in any case, a budget with or without a $."""
+        params, prompt = pipe_module.parse_params(
+            "model=sonnet\n effort = HIGH\nsystem_prompt=You are terse. Answer in = signs only.\n"
+            "max_budget_usd=$0.50\nWhat is 2+2?")
+        self.assertEqual(params, {"model": "sonnet", "effort": "high",
+                                  "system_prompt": "You are terse. Answer in = signs only.", "max_budget_usd": 0.5})
+        self.assertEqual(prompt, "What is 2+2?")
+
+    def test_model_names(self) -> None:
+        """Aliases and full model names as the server takes them (letters, digits, . - _ : [ ])."""
+        for model in ("opus", "haiku", "claude-sonnet-4-5-20250929", "claude-opus-4-1[1m]",
+                      "us.anthropic.claude-sonnet-4-5-20250929-v1:0", "m" * 100):
+            self.assertEqual(pipe_module.parse_params(f"model={model}\nhi")[0], {"model": model})
+
+    def test_system_prompt_as_json_string(self) -> None:
+        """A system prompt starting with a double quote is a JSON string: it can hold several lines."""
+        params, _ = pipe_module.parse_params('system_prompt="Be terse.\\nUse \\"quotes\\" freely."\nhi')
+        self.assertEqual(params, {"system_prompt": 'Be terse.\nUse "quotes" freely.'})
+
+    def test_empty_value_means_the_default(self) -> None:
+        """An empty value is None: back to the valve's default, or nothing sent."""
+        params, prompt = pipe_module.parse_params("model=\neffort=  \nsystem_prompt=\nmax_budget_usd=\nhi")
+        self.assertEqual(params, UNSET)
+        self.assertEqual(prompt, "hi")
+
+    def test_bad_values_refused(self) -> None:
+        """Values the server would refuse are refused here, each with a message saying what is wanted."""
+        cases = {
+            "model=claude sonnet": "`model` must be a model alias such as sonnet, opus or haiku, or a full model",
+            "model=sonnet;rm": "not `sonnet;rm`",
+            "model=" + "m" * 101: "at most 100 characters",
+            "model=_sonnet": "`model` must be a model alias",
+            "model=--help": "`model` must not start with `-`",
+            "effort=extreme": "`effort` must be one of low, medium, high, xhigh, max, not `extreme`.",
+            "max_budget_usd=0": "`max_budget_usd` must be a number of US dollars above 0 and at most 1,000,000",
+            "max_budget_usd=-1": "must not start with `-`",
+            "max_budget_usd=five": "not `five`",
+            "max_budget_usd=nan": "not `nan`",
+            "max_budget_usd=inf": "not `inf`",
+            "max_budget_usd=1000001": "at most 1,000,000",
+            'system_prompt="unterminated': "`system_prompt` starts with a double quote, so it must be one JSON string",
+            'system_prompt=["a"]': None,  # not a JSON string: an ordinary text, starting with [
+            'system_prompt="-x"': "`system_prompt` must not start with `-`",
+            'system_prompt="a\\u0000b"': "`system_prompt` must not contain NUL characters",
+        }
+        for line, message in cases.items():
+            if message is None:
+                self.assertEqual(pipe_module.parse_params(line)[0], {"system_prompt": '["a"]'})
+                continue
+            error = self.assertRaises(pipe_module.ParamError, pipe_module.parse_params, line + "\nhi")
+            self.assertIn(message, str(error), line)
+
+    def test_valves(self) -> None:
+        """The default_model, default_effort, default_system_prompt and default_max_budget_usd valves give the
+        defaults; empty (as shipped) they are not sent."""
+        shipped = pipe_module.Pipe().valves
+        self.assertEqual((shipped.default_model, shipped.default_effort, shipped.default_system_prompt,
+                          shipped.default_max_budget_usd), ("", "", "", ""))
+        given = valves(default_model="opus", default_effort="Low", default_system_prompt="  Be brief.\nVery.  ",
+                       default_max_budget_usd="1.5")
+        params, _ = pipe_module.collect_params([user("hi")], given)
+        self.assertEqual({key: params[key] for key in UNSET},
+                         {"model": "opus", "effort": "low", "system_prompt": "Be brief.\nVery.", "max_budget_usd": 1.5})
+        self.assertEqual(pipe_module.build_payload("hi", params, None),
+                         {"prompt": "hi", "model": "opus", "effort": "low", "system_prompt": "Be brief.\nVery.",
+                          "max_budget_usd": 1.5})
+        params, _ = pipe_module.collect_params([user("hi")], valves())
+        self.assertEqual(pipe_module.build_payload("hi", params, None), {"prompt": "hi"})
+
+    def test_bad_valves_refused(self) -> None:
+        """A valve the server would refuse is refused, naming the valve."""
+        for name, value in (("default_model", "bad model"), ("default_effort", "extreme"),
+                            ("default_max_budget_usd", "0"), ("default_system_prompt", "-x")):
+            error = self.assertRaises(pipe_module.ParamError, pipe_module.collect_params, [user("hi")],
+                                      valves(**{name: value}))
+            self.assertIn(f"`{name} valve`", str(error))
+
+    def test_carry_over_and_back_to_default(self) -> None:
+        """Set in earlier messages, they apply to later ones until changed; an empty value goes back to the
+        valve's default; a refused earlier message sets nothing."""
+        given = valves(default_model="haiku")
+        messages = [user("model=opus\neffort=high\nfirst"), assistant("ok\n\nsession_id=" + SESSION_A),
+                    user([{"type": "text", "text": "system_prompt=Be terse.\nmax_budget_usd=2\nsecond"},
+                          image_part(PNG_URL)]),
+                    assistant("ok"), user("effort=banana\nmodel=sonnet\nrefused"), assistant("**Not sent:** ..."),
+                    user("third")]
+        params, prompt = pipe_module.collect_params(messages, given)
+        self.assertEqual({key: params[key] for key in UNSET},
+                         {"model": "opus", "effort": "high", "system_prompt": "Be terse.", "max_budget_usd": 2.0})
+        self.assertEqual(prompt, "third")
+        params, _ = pipe_module.collect_params([*messages, assistant("ok"), user("model=\neffort=\nfourth")], given)
+        self.assertEqual((params["model"], params["effort"], params["system_prompt"]), ("haiku", None, "Be terse."))
+
+    def test_settings_only_message_repeats_them(self) -> None:
+        """A message holding only settings is answered with what now applies, as it would be typed back."""
+        messages = [user('model=sonnet\nmax_budget_usd=0.5\nsystem_prompt="Two\\nlines"')]
+        params, prompt = pipe_module.collect_params(messages, valves())
+        self.assertEqual(prompt, "")
+        reply = pipe_module.empty_prompt_reply(messages, params)
+        self.assertIn('model=sonnet\nsystem_prompt="Two\\nlines"\nmax_budget_usd=0.5', reply)
+        self.assertNotIn("effort", reply)
+        typed_back = pipe_module.describe_params(params)
+        self.assertEqual(pipe_module.collect_params([user(typed_back)], valves())[0], params)
+
+
+# --------------------------------------------------------------------------- images
+
+
+class ImageTests(SynchronousTestCase):
+    """Images attached in Open WebUI (``image_url`` parts holding ``data:`` URLs) become image blocks."""
+
+    def test_each_type_claude_takes(self) -> None:
+        """PNG, JPEG, GIF and WebP data URLs become base64 image blocks with their data as given."""
+        for media_type, data in (("image/png", PNG), ("image/jpeg", JPEG), ("image/gif", GIF),
+                                 ("image/webp", WEBP)):
+            blocks, skipped = pipe_module.message_images([image_part(data_url(media_type, data))])
+            self.assertEqual((blocks, skipped), ([image_block(media_type, data)], []))
+
+    def test_media_type_from_the_bytes(self) -> None:
+        """The media type is the one the bytes show, whatever the URL says (the server checks it the same way)."""
+        blocks, _ = pipe_module.message_images([image_part(data_url("image/png", JPEG)),
+                                                image_part(data_url("application/octet-stream", GIF))])
+        self.assertEqual(blocks, [image_block("image/jpeg", JPEG), image_block("image/gif", GIF)])
+
+    def test_forms_open_webui_uses(self) -> None:
+        """image_url as an object or a plain string, and input_image parts; text parts and strings are not images;
+        whitespace in the base64 is dropped."""
+        wrapped = "data:image/png;base64," + "\n".join(b64(PNG)[i:i + 20] for i in range(0, len(b64(PNG)), 20))
+        content = [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": PNG_URL},
+                   {"type": "input_image", "image_url": wrapped}, image_part(" " + PNG_URL + " "), "a string"]
+        blocks, skipped = pipe_module.message_images(content)
+        self.assertEqual((blocks, skipped), ([image_block("image/png", PNG)] * 3, []))
+        self.assertEqual(pipe_module.message_images("just text"), ([], []))
+        self.assertEqual(pipe_module.message_images(None), ([], []))
+
+    def test_what_cannot_be_sent_is_said(self) -> None:
+        """A link (not data), another type (SVG, PDF), data that is not base64 or not valid base64, or no URL at
+        all: not sent, each said in a few words."""
+        content = [image_part("https://example.com/cat.png"), image_part(data_url("image/svg+xml", SVG)),
+                   image_part("data:image/png,not-base64"), image_part("data:image/png;base64,@@@@"),
+                   {"type": "image_url", "image_url": {}}, image_part(data_url("application/pdf", b"%PDF-1.7"))]
+        blocks, skipped = pipe_module.message_images(content)
+        self.assertEqual(blocks, [])
+        self.assertEqual(skipped, [
+            "an image given as a link, not as data (https://example.com/cat.png)",
+            "an attachment of type image/svg+xml (Claude takes PNG, JPEG, GIF and WebP images)",
+            "an attachment of type image/png that is not base64 data",
+            "an attachment of type image/png whose data is not valid base64",
+            "an attachment without image data",
+            "an attachment of type application/pdf (Claude takes PNG, JPEG, GIF and WebP images)",
+        ])
+        self.assertEqual(pipe_module.skipped_note(skipped[:1] * 2 + skipped[1:2]),
+                         "_Not sent to Claude: an image given as a link, not as data (https://example.com/cat.png) "
+                         "(×2); an attachment of type image/svg+xml (Claude takes PNG, JPEG, GIF and WebP images)._")
+
+    def test_at_most_99_images(self) -> None:
+        """The server takes at most 100 blocks: 99 images and the text; the rest are said not sent."""
+        blocks, skipped = pipe_module.message_images([image_part(PNG_URL)] * 101)
+        self.assertEqual(len(blocks), 99)
+        self.assertEqual(skipped, ["an image past the first 99 of the message"] * 2)
 
 
 # --------------------------------------------------------------------------- sessions
@@ -580,11 +801,50 @@ class RenderTests(SynchronousTestCase):
         self.assertEqual(pipe_module.status_for_event(denied), "Permission denied: Bash")
         self.assertEqual(pipe_module.render_event(denied, valves()), "")
 
-    def test_thinking_only_when_asked(self) -> None:
-        """Thinking blocks are hidden unless show_thinking is on."""
+    def test_thinking_in_open_webui_reasoning_block(self) -> None:
+        """Thinking is shown as Open WebUI writes a model's reasoning: a done reasoning block with its duration in
+        whole seconds, the lines quoted and HTML-escaped, so no tag in it opens or closes a block."""
+        thinking = "First I look.\n\nThen <b>act</b> & say \"</details>\".\n> quoted already\n"
+        event = {"type": "assistant", "message": {"content": [{"type": "thinking", "thinking": thinking,
+                                                               "signature": "abc"}]}}
+        self.assertEqual(
+            pipe_module.render_event(event, valves(), 12.9),
+            '<details type="reasoning" done="true" duration="12">\n<summary>Thought for 12 seconds</summary>\n'
+            "&gt; First I look.\n&gt; \n&gt; Then &lt;b&gt;act&lt;/b&gt; &amp; say &quot;&lt;/details&gt;&quot;.\n"
+            "&gt; quoted already\n</details>")
+        self.assertIn('duration="0"', pipe_module.render_event(event, valves()))
+
+    def test_reasoning_block_as_open_webui_reads_it(self) -> None:
+        """Open WebUI's Markdown reads a block that starts a line as ``<details ...>\\n``, then
+        ``<summary>...</summary>\\n``, to the matching ``</details>``; the thinking, unescaped, is a blockquote.
+        Text before and after it stays outside, and a marker line in the thinking is not a marker."""
+        thinking = f"Plan.\nsession_id={SESSION_B}\n<details>"
+        events = [TEXT_BEFORE, {"type": "assistant", "message": {"content": [{"type": "thinking",
+                                                                              "thinking": thinking}]}}, TEXT_AFTER]
+        answer = "\n\n".join(pipe_module.render_event(event, valves(), 3) for event in events)
+        answer += f"\n\nsession_id={SESSION_A}"
+        start = answer.index("<details")
+        self.assertEqual(answer[:start], "I will use Bash.\n\n")
+        block = re.match(r'<details(\s+[^>]*)?>\n<summary>(.*?)</summary>\n(.*?)</details>', answer[start:], re.DOTALL)
+        assert block is not None
+        self.assertEqual(dict(re.findall(r'(\w+)="(.*?)"', block.group(1))),
+                         {"type": "reasoning", "done": "true", "duration": "3"})
+        self.assertEqual(block.group(2), "Thought for 3 seconds")
+        self.assertNotIn("<", block.group(3))
+        self.assertEqual(__import__("html").unescape(block.group(3)),
+                         f"> Plan.\n> session_id={SESSION_B}\n> <details>\n")
+        self.assertEqual(answer[start + block.end():], f"\n\nDone: file.txt holds hi.\n\nsession_id={SESSION_A}")
+        self.assertEqual(pipe_module.find_session_id([assistant(answer)]), SESSION_A)
+
+    def test_thinking_valve(self) -> None:
+        """Thinking shows by default; with show_thinking off, or when empty, it adds nothing."""
         event = {"type": "assistant", "message": {"content": [{"type": "thinking", "thinking": "hmm"}]}}
-        self.assertEqual(pipe_module.render_event(event, valves()), "")
-        self.assertIn("<summary>Thinking</summary>", pipe_module.render_event(event, valves(show_thinking=True)))
+        self.assertTrue(pipe_module.Pipe().valves.show_thinking)
+        self.assertIn('<details type="reasoning"', pipe_module.render_event(event, valves()))
+        self.assertEqual(pipe_module.render_event(event, valves(show_thinking=False)), "")
+        empty = {"type": "assistant", "message": {"content": [{"type": "thinking", "thinking": " \n"},
+                                                              {"type": "redacted_thinking", "data": "x"}]}}
+        self.assertEqual(pipe_module.render_event(empty, valves()), "")
 
     def test_http_error_readable(self) -> None:
         """A refusal before streaming shows its status, code, message and a hint."""
@@ -598,6 +858,36 @@ class RenderTests(SynchronousTestCase):
         self.assertIn("<html>bad gateway", pipe_module.render_http_error(502, b"<html>bad gateway"))
         self.assertIn("`approvals` valve", pipe_module.render_http_error(
             403, b'{"error":{"code":"approvals_denied","message":"this server does not ask people about tools"}}'))
+
+    def test_policy_refusals_readable(self) -> None:
+        """The server's policy refusals (403) show the code and the server's message (which names its option),
+        and say how to change the setting: in a message, or, when the default is refused, in the valve."""
+        def refusal(code: str, message: str, field: str) -> str:
+            body = json.dumps({"error": {"code": code, "message": message, "field": field}}).encode()
+            return str(pipe_module.render_http_error(403, body))
+
+        text = refusal("model_not_allowed", "this server does not offer the model 'opus' (--allow-model sonnet*)",
+                       "model")
+        self.assertTrue(text.startswith("**claudesrv refused the request** (HTTP 403 model_not_allowed): this server "
+                                        "does not offer the model 'opus' (--allow-model sonnet*)\n\n"), text)
+        self.assertIn("Send `model=` with a model this server offers, or with nothing after it to go back to the "
+                      "default (alone or with your request); the setting stays in force", text)
+        self.assertIn("this function's `default_model` valve", text)
+        text = refusal("budget_over_limit", "max_budget_usd may be at most 5 here (--max-budget-usd)", "max_budget_usd")
+        self.assertIn("(HTTP 403 budget_over_limit): max_budget_usd may be at most 5 here (--max-budget-usd)", text)
+        self.assertIn("Send `max_budget_usd=` with a smaller amount", text)
+        text = refusal("system_prompt_denied", "this server does not let a request replace the system prompt "
+                                               "(--allow-system-prompt append)", "system_prompt")
+        self.assertIn("(--allow-system-prompt append)", text)
+        self.assertIn("Send `system_prompt=` with nothing after it to go back to the default", text)
+        self.assertIn("`default_system_prompt` valve", text)
+        text = refusal("max_turns_over_limit", "max_turns may be at most 10 here (--max-turns-limit)", "max_turns")
+        self.assertTrue(text.endswith("(HTTP 403 max_turns_over_limit): max_turns may be at most 10 here "
+                                      "(--max-turns-limit)"), text)
+        invalid = {"error": {"code": "invalid_field", "message": 'effort must be one of "low", "high"',
+                             "field": "effort"}}
+        text = str(pipe_module.render_http_error(400, json.dumps(invalid).encode()))
+        self.assertIn("Send `effort=` with another level", text)
 
 
 # --------------------------------------------------------------------------- tasks
@@ -791,7 +1081,7 @@ class PipeStreamTests(SynchronousTestCase):
             pipe = make_pipe(server)
             return "".join([piece async for piece in pipe.pipe({"messages": [user("hi")]}, __event_emitter__=None)])
 
-        self.assertIn("Done: file.txt holds hi.", asyncio.run(collect()))
+        self.assertIn("Done: file.txt holds hi.", run_async(collect()))
 
     def test_failing_event_emitter_ignored(self) -> None:
         """An event emitter that raises does not break the answer."""
@@ -804,7 +1094,120 @@ class PipeStreamTests(SynchronousTestCase):
             pipe = make_pipe(server)
             return "".join([piece async for piece in pipe.pipe({"messages": [user("hi")]}, __event_emitter__=broken)])
 
-        self.assertTrue(asyncio.run(collect()).endswith("session_id=" + SESSION_C))
+        self.assertTrue(run_async(collect()).endswith("session_id=" + SESSION_C))
+
+
+THINKING = {"type": "assistant", "session_id": SESSION_C,
+            "message": {"content": [{"type": "thinking", "thinking": "The user wants hi in file.txt.\nUse Bash.",
+                                     "signature": "sig"}]}}
+
+
+class PipeOptionsTests(SynchronousTestCase):
+    """The new settings, attached images and Claude's thinking, through the whole pipe against a fake server."""
+
+    def test_settings_and_valves_sent(self) -> None:
+        """model, effort, system_prompt and max_budget_usd from the chat and the valves reach the request body as
+        the server names them; the setting lines are not part of the prompt."""
+        server = FakeServer(body=sse(INIT, RESULT_OK))
+        pipe = make_pipe(server, default_effort="low", default_max_budget_usd="3")
+        messages = [user("model=opus\nsystem_prompt=Answer in French.\nfirst"), assistant("session_id=" + SESSION_A),
+                    user("max_budget_usd=0.25\nsecond")]
+        run_pipe(pipe, {"messages": messages})
+        self.assertEqual(server.payload(), {"prompt": "second", "session_id": SESSION_A, "model": "opus",
+                                            "effort": "low", "system_prompt": "Answer in French.",
+                                            "max_budget_usd": 0.25})
+
+    def test_refused_setting_makes_no_call(self) -> None:
+        """A value the server would refuse is explained in the answer and nothing is sent."""
+        server = FakeServer(body=sse(INIT, RESULT_OK))
+        text, events = run_pipe(make_pipe(server), {"messages": [user("effort=extreme\nhi")]})
+        self.assertEqual(text, "**Not sent:** `effort` must be one of low, medium, high, xhigh, max, not `extreme`.")
+        text, _ = run_pipe(make_pipe(server, default_model="no such model"), {"messages": [user("hi")]})
+        self.assertIn("`default_model valve` must be a model alias", text)
+        self.assertEqual((server.requests, events), ([], []))
+
+    def test_policy_refusal_rendered(self) -> None:
+        """A 403 from the server's policy is readable text with the hint, and the status says refused."""
+        body = json.dumps({"error": {"code": "model_not_allowed", "field": "model", "message":
+                                     "this server does not offer the model 'opus' (--allow-model sonnet*)"}}).encode()
+        server = FakeServer(status=403, body=body)
+        text, events = run_pipe(make_pipe(server), {"messages": [user("model=opus\nhi")]})
+        self.assertIn("(HTTP 403 model_not_allowed): this server does not offer the model 'opus'", text)
+        self.assertIn("Send `model=` with a model this server offers", text)
+        self.assertNotIn("session_id=", text)
+        self.assertEqual(events[-1]["data"], {"description": "Refused (HTTP 403)", "done": True})
+
+    def test_images_sent_as_blocks(self) -> None:
+        """The images of the newest message become image blocks, then its text (settings removed) as a text block."""
+        server = FakeServer(body=sse(INIT, RESULT_OK))
+        content = [{"type": "text", "text": "model=sonnet\nWhat is in these?"}, image_part(PNG_URL),
+                   image_part(data_url("image/jpeg", JPEG))]
+        text, _ = run_pipe(make_pipe(server), {"messages": [user(content)]})
+        self.assertEqual(server.payload(), {"prompt": [image_block("image/png", PNG), image_block("image/jpeg", JPEG),
+                                                       {"type": "text", "text": "What is in these?"}],
+                                            "model": "sonnet"})
+        self.assertNotIn("Not sent", text)
+
+    def test_image_alone(self) -> None:
+        """A message with an image and no text sends the image alone."""
+        server = FakeServer(body=sse(INIT, RESULT_OK))
+        run_pipe(make_pipe(server), {"messages": [user([image_part(PNG_URL)])]})
+        self.assertEqual(server.payload(), {"prompt": [image_block("image/png", PNG)]})
+
+    def test_without_images_the_prompt_stays_a_string(self) -> None:
+        """Text parts only, or images only in earlier messages (already sent with them): the prompt is a string."""
+        server = FakeServer(body=sse(INIT, RESULT_OK))
+        run_pipe(make_pipe(server), {"messages": [user([{"type": "text", "text": "hi"}])]})
+        self.assertEqual(server.payload(), {"prompt": "hi"})
+        earlier = [user([{"type": "text", "text": "look"}, image_part(PNG_URL)]),
+                   assistant("A cat.\n\nsession_id=" + SESSION_A), user("and now?")]
+        run_pipe(make_pipe(server), {"messages": earlier})
+        self.assertEqual(server.payload(), {"prompt": "and now?", "session_id": SESSION_A})
+
+    def test_images_not_sent_are_noted(self) -> None:
+        """An attachment that cannot be sent is said in a short note first; the rest goes as usual."""
+        server = FakeServer(body=sse(INIT, TEXT_AFTER, RESULT_OK))
+        content = [{"type": "text", "text": "describe"}, image_part("https://example.com/cat.png"),
+                   image_part(data_url("image/svg+xml", SVG))]
+        text, _ = run_pipe(make_pipe(server), {"messages": [user(content)]})
+        self.assertEqual(server.payload(), {"prompt": "describe"})
+        self.assertTrue(text.startswith(
+            "_Not sent to Claude: an image given as a link, not as data (https://example.com/cat.png); an attachment "
+            "of type image/svg+xml (Claude takes PNG, JPEG, GIF and WebP images)._\n\nDone: file.txt holds hi."), text)
+        self.assertTrue(text.endswith("\n\nsession_id=" + SESSION_C))
+
+    def test_nothing_sendable(self) -> None:
+        """Only an attachment that cannot be sent, and no text: the note and nothing sent."""
+        server = FakeServer(body=sse(INIT, RESULT_OK))
+        text, _ = run_pipe(make_pipe(server), {"messages": [user([image_part(data_url("image/svg+xml", SVG))])]})
+        self.assertEqual(text, "_Not sent to Claude: an attachment of type image/svg+xml (Claude takes PNG, JPEG, GIF "
+                               "and WebP images)._\n\nThere is nothing to send: the message has no text.")
+        self.assertEqual(server.requests, [])
+
+    def test_thinking_streamed_in_reasoning_block(self) -> None:
+        """Thinking comes in Open WebUI's reasoning block, lasting the time since the event before it; the text
+        around it streams as before, in the same pieces, and the marker still ends the answer."""
+        times = itertools.chain([100.0, 100.2, 112.9], itertools.count(113.0, 0.1))
+        self.patch(pipe_module, "clock", lambda: next(times))
+        server = FakeServer(body=sse(INIT, THINKING, TEXT_BEFORE, TOOL_USE, TOOL_RESULT, TEXT_AFTER, RESULT_OK))
+        pieces: list[str] = []
+
+        async def collect() -> None:
+            async for piece in make_pipe(server).pipe({"messages": [user("write hi")]}):
+                pieces.append(piece)
+
+        run_async(collect())
+        text = "".join(pieces)
+        self.assertEqual(pieces[0], '<details type="reasoning" done="true" duration="12">\n'
+                                    "<summary>Thought for 12 seconds</summary>\n"
+                                    "&gt; The user wants hi in file.txt.\n&gt; Use Bash.\n</details>")
+        self.assertEqual(pieces[1], "\n\nI will use Bash.")
+        self.assertTrue(pieces[2].startswith("\n\n<details>\n<summary>Tool: Bash"), pieces[2])
+        self.assertEqual(pieces[-2:], ["\n\nDone: file.txt holds hi.", "\n\nsession_id=" + SESSION_C])
+        self.assertEqual(pipe_module.find_session_id([assistant(text)]), SESSION_C)
+        without, _ = run_pipe(make_pipe(FakeServer(body=sse(INIT, THINKING, TEXT_AFTER, RESULT_OK)),
+                                        show_thinking=False), {"messages": [user("hi")]})
+        self.assertEqual(without, "Done: file.txt holds hi.\n\nsession_id=" + SESSION_C)
 
 
 class StopTests(SynchronousTestCase):
@@ -827,7 +1230,7 @@ class StopTests(SynchronousTestCase):
             await answer.aclose()
             return first
 
-        self.assertEqual(asyncio.run(scenario()), "I will use Bash.")
+        self.assertEqual(run_async(scenario()), "I will use Bash.")
         self.assertTrue(server.stream.closed)
         self.assertEqual(events[-1]["data"], {"description": "Stopped", "done": True})
         self.assertEqual(pipe.chat_sessions, {"c": SESSION_C})
@@ -852,7 +1255,7 @@ class StopTests(SynchronousTestCase):
                 return True
             return False
 
-        self.assertTrue(asyncio.run(scenario()))
+        self.assertTrue(run_async(scenario()))
         self.assertEqual(pieces, ["I will use Bash."])
         self.assertTrue(server.stream.closed)
         self.assertEqual(events[-1]["data"]["done"], True)
@@ -1001,7 +1404,7 @@ def run_with_dialogs(server: ApprovalServer, dialogs: Dialogs | None, message: s
     async def bounded() -> str:
         return await asyncio.wait_for(collect(), 10)
 
-    text = asyncio.run(bounded())
+    text = run_async(bounded())
     return text, [str(e["data"]["description"]) for e in events]
 
 
@@ -1269,6 +1672,7 @@ class ApprovalTests(SynchronousTestCase):
                 pass
 
         async def scenario() -> None:
+            before = asyncio.all_tasks()  # this one, and the one bounding it
             task = asyncio.ensure_future(consume())
             for _ in range(10_000):
                 if dialogs.calls:
@@ -1278,10 +1682,9 @@ class ApprovalTests(SynchronousTestCase):
             task.cancel()
             with self.assertRaises(asyncio.CancelledError):
                 await task
-            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            self.assertEqual(pending, [])
+            self.assertEqual(asyncio.all_tasks() - before, set())
 
-        asyncio.run(scenario())
+        run_async(scenario())
         self.assertEqual(server.answers, [])
         assert server.stream is not None
         self.assertTrue(server.stream.closed)
