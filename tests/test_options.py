@@ -219,8 +219,12 @@ class ThroughTwistd(TestCase):
         self.assertIn("--system-prompt-snapshot=off", argv)
 
         limited = yield post(url, {"prompt": "[[fake tool=Read]] read it", "session_id": sid, "max_turns": 1,
-                                   "allowed_tools": ["Read"]})
+                                   "allowed_tools": ["Read"], "append_system_prompt": "Be brief.",
+                                   "max_budget_usd": 5})
         self.assertEqual(limited.sse.results()[0]["subtype"], "error_max_turns")
+        turn = daemon.turns()[-1]
+        self.assertEqual((turn["append_system_prompt"], turn["max_budget_usd"], turn["system_prompt"]),
+                         ("Be brief.", 5.0, None))
 
         code, session = yield get_json(f"{daemon.url}/api/sessions/{sid}")
         self.assertEqual((code, session["usage"]["turns"]), (200, 4))
