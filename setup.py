@@ -14,7 +14,7 @@ setup(
     # process.py extends twisted.internet.process internals, checked on 26.10
     install_requires=["twisted[tls]>=26.10,<27", "klein", "treq", "service-identity", "prometheus_client"],
     extras_require={
-        "test": ["mypy", "mypy-zope", "ruff", "httpx", "pydantic"],
+        "test": ["mypy", "mypy-zope", "ruff", "httpx", "pydantic", "openai", "anthropic"],
         "dev": ["watchfiles"],
     },
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any, cast
 
 from klein import Klein
@@ -21,10 +22,13 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from claudesrv import sse
+from claudesrv.anthropic_api import AnthropicEndpoint
 from claudesrv.approvals import parse_answer
 from claudesrv.command import ClaudeRequest, is_canonical_uuid, parse_request
+from claudesrv.compat import Conversations
 from claudesrv.errors import ApiError, error_body, json_body, session_busy, unknown_session
 from claudesrv.live import Turn
+from claudesrv.openai_api import OpenAIEndpoints
 from claudesrv.openapi import openapi_document
 from claudesrv.policy import TurnPolicy
 from claudesrv.registry import Busy, QueueFull, SessionRegistry
@@ -34,6 +38,8 @@ from claudesrv.store import SessionGroup, SessionStore
 from claudesrv.workspaces import WorkspaceError, Workspaces
 
 log = Logger()
+
+Respond = Callable[[IRequest, Turn], Any]  # writes a turn's answer; fires when it is written
 
 INSTALL_HINT = ("install it with `npm install -g @anthropic-ai/claude-code`, "
                 "or start the daemon with --claude /path/to/claude")
@@ -102,13 +108,17 @@ class ClaudeAPI:
 
     def __init__(self, live: SessionRegistry, store: SessionStore, workspaces: Workspaces,
                  cli: ClaudeExecutable, sessions: Sessions, readiness: Readiness, metrics: CollectorRegistry,
-                 policy: TurnPolicy | None = None, body_limits: BodyLimits | None = None) -> None:
+                 policy: TurnPolicy | None = None, body_limits: BodyLimits | None = None,
+                 tool_activity: str = "reasoning") -> None:
         self.live = live
         self.sessions = sessions
         self.readiness = readiness
         self.collectors = metrics
         self.policy = policy or TurnPolicy()
         self.body_limits = body_limits or BodyLimits()
+        conversations = Conversations(store)
+        self.openai = OpenAIEndpoints(self, conversations, tool_activity)
+        self.anthropic = AnthropicEndpoint(self, conversations, tool_activity)
         self.store = store
         self.workspaces = workspaces
         self.cli = cli
@@ -123,18 +133,22 @@ class ClaudeAPI:
         """Start or resume a session; the answer is the CLI's stream as Server-Sent Events."""
         assert request.content is not None
         turn = self.policy.apply(parse_request(request.content.read(), self.body_limits))
+        return self.run(request, turn, self.stream)
+
+    def run(self, request: IRequest, turn: ClaudeRequest, respond: Respond) -> Any:
+        """Start or resume the turn's session (the policy was applied), and answer with C{respond}."""
         if self.cli.find() is None:
             raise ApiError(503, "cli_not_found", f"the Claude CLI {self.cli.name!r} was not found: {INSTALL_HINT}")
         if turn.session_id is None:
-            return self._submit(request, turn, None)
+            return self._submit(request, turn, None, respond)
         live = self.live.sessions.get(turn.session_id)
         if live is not None and not live.forgotten and os.path.isdir(live.workspace):
-            return self._submit(request, turn, live.workspace)  # known and warm: no database round trip first
+            return self._submit(request, turn, live.workspace, respond)  # known and warm: no database round trip
         d: Deferred[Any] = self.store.lookup(turn.session_id)
-        d.addCallback(self._resume, request, turn)
+        d.addCallback(self._resume, request, turn, respond)
         return d
 
-    def _resume(self, stored: str | None, request: IRequest, turn: ClaudeRequest) -> Any:
+    def _resume(self, stored: str | None, request: IRequest, turn: ClaudeRequest, respond: Respond) -> Any:
         if stored is None:
             raise unknown_session(turn.session_id or "", "session_id")
         try:
@@ -142,9 +156,10 @@ class ClaudeAPI:
         except WorkspaceError as e:
             status = 410 if e.code == "workspace_missing" else 500
             raise ApiError(status, e.code, e.message, "session_id") from None
-        return self._submit(request, turn, workspace)
+        return self._submit(request, turn, workspace, respond)
 
-    def _submit(self, request: IRequest, turn_request: ClaudeRequest, workspace: str | None) -> Any:
+    def _submit(self, request: IRequest, turn_request: ClaudeRequest, workspace: str | None,
+                respond: Respond) -> Any:
         """Admit the turn; a new session's row is committed before the first byte of the answer."""
         try:
             turn = self.live.admit(turn_request, workspace)
@@ -156,7 +171,7 @@ class ClaudeAPI:
         except OSError as e:
             raise ApiError(500, "workspace_error", f"could not create the workspace: {e.strerror}") from None
         if not turn.new_session:
-            return self._stream(request, turn)  # marked used when the turn ends
+            return respond(request, turn)  # marked used when the turn ends
         workspace = self.live.sessions[turn.session_id].workspace
         # a plain Deferred in front: Klein's cancel (the client left) must reach the stream chained to it
         d: Deferred[Any] = Deferred()
@@ -179,14 +194,16 @@ class ClaudeAPI:
             log.failure("could not record session {sid}", failure, sid=turn.session_id)
             raise ApiError(500, "database_error", "the server could not record the session in its database")
 
-        return d.addCallbacks(lambda _: self._stream(request, turn), not_recorded)
+        return d.addCallbacks(lambda _: respond(request, turn), not_recorded)
 
-    def _stream(self, request: IRequest, turn: Turn) -> Deferred[bytes]:
-        """The turn's events as SSE, from its first event to its result."""
+    def stream(self, request: IRequest, turn: Turn, client: sse.Client | None = None) -> Deferred[bytes]:
+        """The turn's events, from its first event to its result: as SSE, or to C{client}, which writes them in
+        another shape (the OpenAI and Anthropic endpoints)."""
         session = self.live.sessions[turn.session_id]
         request.setHeader(b"X-Session-Id", turn.session_id.encode())
-        client = cast(sse.Client, request)
-        sse.start(client)
+        if client is None:
+            client = cast(sse.Client, request)
+            sse.start(client)
         limits = self.live.limits
         sink = sse.SseSink(client, session.log, turn.start_offset, self.live.clock, lambda: turn.end_offset,
                            limits.keepalive, limits.idle_timeout,
@@ -267,6 +284,21 @@ class ClaudeAPI:
             raise ApiError(409, "not_running", "this session has no running turn")
 
         return self._group(session_id).addCallback(not_running)
+
+    @app.route("/v1/models", methods=["GET"])
+    def openai_models(self, request: IRequest) -> bytes:
+        """The models, in OpenAI's list shape."""
+        return self.openai.models(request)
+
+    @app.route("/v1/chat/completions", methods=["POST"])
+    def chat_completions(self, request: IRequest) -> Any:
+        """A turn in OpenAI's Chat Completions shape (claudesrv.openai_api)."""
+        return self.openai.completions(request)
+
+    @app.route("/v1/messages", methods=["POST"])
+    def anthropic_messages(self, request: IRequest) -> Any:
+        """A turn in Anthropic's Messages shape (claudesrv.anthropic_api)."""
+        return self.anthropic.messages(request)
 
     @app.route("/api/sessions/<session_id>/permissions/<request_id>", methods=["POST"])
     def answer_permission(self, request: IRequest, session_id: str, request_id: str) -> Any:

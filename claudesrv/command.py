@@ -111,14 +111,23 @@ def _check_prompt(prompt: Prompt, limits: BodyLimits) -> None:
             raise invalid("prompt", f"prompt[{i}] is not a {source['media_type']} image")
 
 
-def parse_request(raw: bytes, limits: BodyLimits) -> ClaudeRequest:
-    """Validate a POST /api/claude body by its schema (L{claudesrv.schema}); raise L{ApiError} naming the field."""
+def read_json(raw: bytes) -> Any:
+    """A request body as JSON; raise L{ApiError} 400 ``invalid_json`` if it is not."""
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
     except RecursionError:
         raise ApiError(400, "invalid_json", "the body nests too deeply") from None
+
+
+def parse_request(raw: bytes, limits: BodyLimits) -> ClaudeRequest:
+    """Validate a POST /api/claude body by its schema (L{claudesrv.schema}); raise L{ApiError} naming the field."""
+    return parse_body(read_json(raw), limits)
+
+
+def parse_body(body: Any, limits: BodyLimits) -> ClaudeRequest:
+    """Validate a turn's fields, however they came (L{parse_request}, or the OpenAI and Anthropic endpoints)."""
     if isinstance(body, dict):
         body = {k: v for k, v in body.items() if v is not None}  # null: as if not given
     body = validate(turn_schema(limits), body)

@@ -53,8 +53,28 @@ def json_body(request: IRequest, status: int, payload: dict[str, Any]) -> bytes:
     return json.dumps(payload).encode() + b"\n"
 
 
+OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+                415: "invalid_request_error", 429: "rate_limit_error"}
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                   503: "overloaded_error"}
+
+
+def shaped(path: bytes, error: ApiError) -> dict[str, Any]:
+    """An error in the shape its route's clients read: Anthropic's under /v1/messages, OpenAI's under the other
+    /v1/ routes (the SDKs raise from these), ours elsewhere."""
+    if path.startswith(b"/v1/messages"):
+        return {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(error.status, "api_error"),
+                                           "message": error.message}}
+    if path.startswith(b"/v1/"):
+        return {"error": {"message": error.message, "type": OPENAI_TYPES.get(error.status, "server_error"),
+                          "param": error.field, "code": error.code}}
+    return error.as_json()
+
+
 def error_body(request: IRequest, error: ApiError) -> bytes:
     """The JSON answer to a refused request, logged without its body."""
     log.info("{method} {path}: {status} {code}", method=request.method.decode("latin-1"),
              path=request.path.decode("latin-1"), status=error.status, code=error.code)
-    return json_body(request, error.status, error.as_json())
+    return json_body(request, error.status, shaped(request.path, error))

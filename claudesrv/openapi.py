@@ -129,6 +129,42 @@ _DOCUMENT: dict[str, Any] = {
                                   "content": {"application/json": {
                                       "schema": {"$ref": "#/components/schemas/PermissionResolution"}}}},
                           **_errors(400, 404, 409, 413, 415, *_COMMON)}}},
+        "/v1/models": {"get": {
+            "summary": "OpenAI-compatible: claude-code (the default model) and claude-code/<model> per allowed model",
+            "responses": {"200": {"description": "{object: list, data: [{id, object: model, created, owned_by}]}"},
+                          **_errors(*_COMMON)}}},
+        "/v1/chat/completions": {"post": {
+            "summary": "OpenAI-compatible Chat Completions over a real session (X-Session-Id, "
+                       "X-OpenWebUI-Chat-Id, or the conversation itself); /api/claude's options in a claudesrv object",
+            "parameters": [{"name": "X-Session-Id", "in": "header", "schema": {"type": "string", "format": "uuid"}},
+                           {"name": "X-OpenWebUI-Chat-Id", "in": "header", "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["messages"], "properties": {
+                    "model": {"type": "string", "default": "claude-code"},
+                    "messages": {"type": "array", "items": {"type": "object"}},
+                    "stream": {"type": "boolean"}, "stream_options": {"type": "object"},
+                    "claudesrv": {"type": "object", "description": "fields of the Turn schema but prompt and model"}
+                }}}}},
+            "responses": {"200": {"description": "a chat.completion, or chat.completion.chunk events and [DONE]; "
+                                                 "X-Session-Id names the session",
+                                  "content": {"application/json": {"schema": {"type": "object"}},
+                                              "text/event-stream": {"schema": {"type": "string"}}}},
+                          **_errors(400, 404, 409, 410, 413, 415, 503, *_COMMON)}}},
+        "/v1/messages": {"post": {
+            "summary": "Anthropic-compatible Messages over a real session (the same session rules and options)",
+            "parameters": [{"name": "X-Session-Id", "in": "header", "schema": {"type": "string", "format": "uuid"}},
+                           {"name": "X-OpenWebUI-Chat-Id", "in": "header", "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["messages"], "properties": {
+                    "model": {"type": "string", "default": "claude-code"},
+                    "messages": {"type": "array", "items": {"type": "object"}},
+                    "system": {"type": "string"}, "stream": {"type": "boolean"},
+                    "claudesrv": {"type": "object", "description": "fields of the Turn schema but prompt and model"}
+                }}}}},
+            "responses": {"200": {"description": "a message, or message_start ... message_stop events",
+                                  "content": {"application/json": {"schema": {"type": "object"}},
+                                              "text/event-stream": {"schema": {"type": "string"}}}},
+                          **_errors(400, 404, 409, 410, 413, 415, 503, *_COMMON)}}},
         "/healthz": {"get": {"summary": "Liveness (no auth)", "security": [],
                              "responses": {"200": {"description": "{\"status\": \"ok\"}"}}}},
         "/readyz": {"get": {"summary": "Readiness checks",

@@ -53,6 +53,14 @@ CREATE TABLE IF NOT EXISTS session_usage (
     cache_creation_tokens INTEGER NOT NULL DEFAULT 0
 )
 """
+# which session a stateless chat request continues (claudesrv.compat): "head:<conversation hash>" (a
+# session's latest state only) and "chat:<Open WebUI chat id>"
+CONVERSATIONS = """
+CREATE TABLE IF NOT EXISTS conversations (
+    key TEXT PRIMARY KEY,
+    claude_session_id TEXT NOT NULL REFERENCES sessions(claude_session_id) ON DELETE CASCADE
+)
+"""
 TOKEN_KINDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")
 ADD_USAGE = (
     f"INSERT INTO session_usage (claude_session_id, turns, cost_usd, {', '.join(TOKEN_KINDS)}) "
@@ -160,6 +168,14 @@ def _turn_ended(cursor: Any, session_id: str, now: str, usage: dict[str, dict[st
         cursor.execute(ADD_USAGE, (session_id, *sums))
 
 
+def _advance(cursor: Any, session_id: str, head: str, chat: str | None) -> None:
+    cursor.execute("DELETE FROM conversations WHERE claude_session_id = ? AND key LIKE 'head:%'", (session_id,))
+    cursor.execute("INSERT OR REPLACE INTO conversations (key, claude_session_id) VALUES (?, ?)", (head, session_id))
+    if chat is not None:
+        cursor.execute("INSERT OR REPLACE INTO conversations (key, claude_session_id) VALUES (?, ?)",
+                       (chat, session_id))
+
+
 def _query(cursor: Any, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
     cursor.execute(sql, params)
     return list(cursor.fetchall())
@@ -190,6 +206,8 @@ class SessionStore:
         yield self._execute(SCHEMA)
         yield self._execute(REMEMBERED)
         yield self._execute(USAGE)
+        yield self._execute(CONVERSATIONS)
+        yield self._execute("CREATE INDEX IF NOT EXISTS conversations_session ON conversations(claude_session_id)")
         yield self._execute("CREATE INDEX IF NOT EXISTS sessions_workspace ON sessions(workspace_path)")
 
     def close(self) -> None:
@@ -247,6 +265,14 @@ class SessionStore:
     def remember(self, session_id: str, tool: str) -> Deferred[None]:
         return self._execute("INSERT OR IGNORE INTO remembered_tools (claude_session_id, tool_name, created_at) "
                              "VALUES (?, ?, ?)", session_id, tool, self.now())
+
+    def conversation(self, key: str) -> Deferred[str | None]:
+        d = self._query("SELECT claude_session_id FROM conversations WHERE key = ?", key)
+        return d.addCallback(lambda rows: rows[0][0] if rows else None)
+
+    def advance_conversation(self, session_id: str, head: str, chat: str | None) -> Deferred[None]:
+        """The session's conversation has a new head (its old one is forgotten); a chat id binds to it."""
+        return self.db.run(_advance, session_id, head, chat)
 
     def known(self) -> Deferred[tuple[set[str], set[str]]]:
         """Every session id and every workspace path in the table."""

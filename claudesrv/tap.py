@@ -92,6 +92,9 @@ class Options(usage.Options):
                                        "no budget gets.", float],
         ["max-turns-limit", None, None, "The most model turns a turn may take (max_turns), and what a turn that "
                                         "sets no limit gets.", _positive],
+        ["openai-tool-activity", None, "reasoning", "Where /v1/ answers show Claude's tool activity: reasoning "
+                                                    "(reasoning_content, thinking blocks), content (in the text) "
+                                                    "or hidden."],
         ["allow-system-prompt", None, "yes", "yes, append (only append_system_prompt) or no: whether requests may "
                                              "set the system prompt."],
         ["http-timeout", None, 60.0, "Seconds an HTTP connection may sit idle or send its request slowly "
@@ -166,6 +169,8 @@ class Options(usage.Options):
             raise usage.UsageError("--skip-permissions must be allow or deny")
         if self["approvals"] not in ("allow", "deny"):
             raise usage.UsageError("--approvals must be allow or deny")
+        if self["openai-tool-activity"] not in ("reasoning", "content", "hidden"):
+            raise usage.UsageError("--openai-tool-activity must be reasoning, content or hidden")
         if self["allow-system-prompt"] not in ("yes", "append", "no"):
             raise usage.UsageError("--allow-system-prompt must be yes, append or no")
         model = self["default-model"]
@@ -293,7 +298,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     body_limits = BodyLimits(max_prompt=options["max-prompt"], max_system_prompt=options["max-system-prompt"],
                              max_image_bytes=options["max-image-bytes"])
     api = ClaudeAPI(live, store, workspaces, cli, sessions, Readiness(store, workspaces, live, cli), metrics,
-                    policy=turn_policy, body_limits=body_limits)
+                    policy=turn_policy, body_limits=body_limits, tool_activity=options["openai-tool-activity"])
     policy = Policy(
         tokens=options["tokens"],
         loopback_only=all(is_loopback_listener(d) for d in options["listen"]),
