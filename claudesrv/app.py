@@ -29,7 +29,7 @@ from claudesrv.compat import Conversations
 from claudesrv.errors import ApiError, error_body, json_body, session_busy, unknown_session
 from claudesrv.live import Turn
 from claudesrv.openai_api import OpenAIEndpoints
-from claudesrv.openapi import openapi_document
+from claudesrv.openapi import OPENAPI, openapi_document
 from claudesrv.policy import TurnPolicy
 from claudesrv.registry import Busy, QueueFull, SessionRegistry
 from claudesrv.schema import BodyLimits
@@ -65,10 +65,18 @@ class ClaudeExecutable:
     def path(self) -> str:
         return self._found or self.name
 
+    def missing(self) -> ApiError:
+        """Why the CLI cannot be run: not there, or there but not executable."""
+        path = os.path.abspath(self.name) if os.sep in self.name else None
+        if path is not None and os.path.isfile(path):
+            return ApiError(503, "cli_not_executable", f"the Claude CLI {path!r} exists but is not executable: "
+                                                       f"chmod +x it, or start the daemon with another --claude")
+        return ApiError(503, "cli_not_found", f"the Claude CLI {self.name!r} was not found: {INSTALL_HINT}")
 
-def _no_content(request: IRequest) -> bytes:
-    request.setResponseCode(204)
-    return b""
+
+def _iso(stored: str) -> str:
+    """A time as SQLite keeps it (UTC, ``YYYY-MM-DD HH:MM:SS``) in ISO 8601 with its offset."""
+    return stored.replace(" ", "T") + "+00:00" if stored and "T" not in stored else stored
 
 
 def _int_arg(request: IRequest, name: str, default: int, low: int, high: int) -> int:
@@ -138,7 +146,7 @@ class ClaudeAPI:
     def run(self, request: IRequest, turn: ClaudeRequest, respond: Respond) -> Any:
         """Start or resume the turn's session (the policy was applied), and answer with C{respond}."""
         if self.cli.find() is None:
-            raise ApiError(503, "cli_not_found", f"the Claude CLI {self.cli.name!r} was not found: {INSTALL_HINT}")
+            raise self.cli.missing()
         if turn.session_id is None:
             return self._submit(request, turn, None, respond)
         live = self.live.sessions.get(turn.session_id)
@@ -342,12 +350,15 @@ class ClaudeAPI:
     @app.route("/api/sessions/<session_id>", methods=["DELETE"])
     def delete_session(self, request: IRequest, session_id: str) -> Any:
         """Remove every id of the session's workspace and the workspace itself (409 while a turn runs)."""
-        purge = request.args.get(b"purge_transcript", [b"false"])[0].lower() in (b"true", b"1", b"yes")
+        purge_arg = request.args.get(b"purge_transcript", [b"false"])[0].lower()
+        if purge_arg not in (b"true", b"false"):
+            raise ApiError(400, "invalid_query", "purge_transcript must be true or false", "purge_transcript")
+        purge = purge_arg == b"true"
 
         def delete(group: SessionGroup) -> Any:
             if self.live.busy(*group.session_ids):
                 raise ApiError(409, "session_busy", "a turn of this session is running; cancel it first")
-            return self.sessions.delete(group, purge).addCallback(lambda _: _no_content(request))
+            return self.sessions.delete(group, purge).addCallback(lambda removed: json_body(request, 200, removed))
 
         return self._group(session_id).addCallback(delete)
 
@@ -365,8 +376,17 @@ class ClaudeAPI:
 
     def _item(self, group: SessionGroup) -> dict[str, Any]:
         return {"session_id": group.session_id, "session_ids": group.session_ids, "workspace": group.workspace,
-                "created_at": group.created_at, "last_used_at": group.last_used_at,
+                "created_at": _iso(group.created_at), "last_used_at": _iso(group.last_used_at),
                 "running": self.live.busy(*group.session_ids), **self.live.state_of(group.session_id)}
+
+    @app.route("/", methods=["GET"])
+    def index(self, request: IRequest) -> bytes:
+        """What this server is, and where to go from here."""
+        return json_body(request, 200, {
+            "name": "claudesrv", "version": OPENAPI["info"]["version"],
+            "links": {"openapi": "/openapi.json", "turn": "/api/claude", "sessions": "/api/sessions",
+                      "health": "/healthz", "ready": "/readyz", "metrics": "/metrics",
+                      "openai": "/v1/chat/completions", "anthropic": "/v1/messages"}})
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:
@@ -375,8 +395,8 @@ class ClaudeAPI:
 
     @app.route("/readyz", methods=["GET"])
     def readyz(self, request: IRequest) -> Any:
-        """Readiness: the CLI answers --version, the database answers, workspaces can be written, and
-        there is room for another request."""
+        """Readiness: the CLI answers --version and has credentials, the database answers, workspaces can be
+        written, and there is room for another request."""
         def answer(checks: dict[str, dict[str, Any]]) -> bytes:
             ready = all(c["ok"] for c in checks.values())
             return json_body(request, 200 if ready else 503,

@@ -44,8 +44,8 @@ KEEP_RESOLVED = 10_000  # answers remembered for a 409 to a late or second answe
 
 
 def iso(seconds: float) -> str:
-    """A clock time as ISO 8601 UTC, to the second."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    """A clock time as ISO 8601 with its UTC offset, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(seconds))
 
 
 @dataclass(frozen=True)

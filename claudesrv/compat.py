@@ -316,6 +316,7 @@ class ChatEndpoint:
             given = answer(admitted)
             client = cast(Client, request)
             if given.streaming:
+                request.setHeader(b"X-Session-Id", admitted.session_id.encode())  # start() sends the headers
                 start(client)
             reader = EventReader(client, given.on_event, keepalive=given.streaming)
             d = self.api.stream(request, admitted, reader)

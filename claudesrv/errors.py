@@ -7,6 +7,7 @@ Routes and the guard raise or return L{ApiError}; nothing else writes an error b
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 from typing import Any
 
 from twisted.logger import Logger
@@ -48,7 +49,7 @@ def session_busy() -> ApiError:
 
 
 def json_body(request: IRequest, status: int, payload: dict[str, Any]) -> bytes:
-    request.setResponseCode(status)
+    request.setResponseCode(status, HTTPStatus(status).phrase.encode())  # Twisted has no phrase for some (429)
     request.setHeader(b"Content-Type", b"application/json")
     return json.dumps(payload).encode() + b"\n"
 

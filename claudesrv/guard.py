@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import re
+import socket
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.endpoints import _SystemdParser
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -45,16 +50,40 @@ def env_tokens(environ: dict[str, str]) -> list[str]:
 
 def is_loopback_listener(description: str) -> bool:
     """
-    True only for a TCP endpoint bound to a loopback interface. A wildcard, an external interface,
-    TLS, unix sockets and systemd sockets all count as reachable from elsewhere.
+    True only for a TCP endpoint bound to a loopback interface, or a systemd socket (socket activation) that
+    is one: its address is read from the inherited socket. A wildcard, an external interface, TLS and unix
+    sockets count as reachable from elsewhere.
     """
     parts = re.split(r"(?<!\\):", description)
     kind = parts[0].lower() if len(parts) > 1 else "tcp"
+    if kind == "systemd":
+        return _is_loopback(_inherited_address(parts[1:]))
     if kind not in ("tcp", "tcp6"):
         return False
     interface = next((p.split("=", 1)[1] for p in parts[1:] if p.startswith("interface=")), "")
-    interface = interface.replace("\\:", ":").strip("[]").lower()
-    return interface == "localhost" or interface == "::1" or interface.startswith("127.")
+    return _is_loopback(interface.replace("\\:", ":").strip("[]"))
+
+
+def _is_loopback(host: str | None) -> bool:
+    host = (host or "").lower()
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def _inherited_address(arguments: list[str]) -> str | None:
+    """
+    The host a socket handed over by systemd listens on; None if there is none. The sockets are the ones
+    Twisted's systemd endpoint will use: it reads (and removes) LISTEN_FDS and its kin when it is imported.
+    """
+    given = dict(a.split("=", 1) for a in arguments if "=" in a)
+    inherited = _SystemdParser._sddaemon
+    try:
+        fd = inherited.inheritedDescriptors()[int(given["index"])] if "index" in given else \
+            inherited.inheritedNamedDescriptors()[given["name"]]
+        with socket.socket(fileno=os.dup(fd)) as listener:
+            address = listener.getsockname()
+    except (KeyError, ValueError, IndexError, OSError):
+        return None
+    return str(address[0]) if isinstance(address, tuple) else None
 
 
 @dataclass
@@ -90,6 +119,9 @@ class Guard(Resource):
         refusal = self._check(request)
         if refusal is not None:
             return refusal
+        postpath = getattr(request, "postpath", None)
+        if postpath and len(postpath) > 1 and postpath[-1] == b"":  # /api/sessions/ is /api/sessions
+            request.postpath = postpath[:-1]
         return self.inner.render(request)
 
     def _check(self, request: IRequest) -> bytes | None:
@@ -208,10 +240,86 @@ def request_factory(max_body: int) -> type[LimitedRequest]:
     return type("LimitedRequest", (LimitedRequest,), {"max_body": max_body})
 
 
+def _refuse_connection(transport: Any, status: bytes, error: ApiError) -> None:
+    """An answer to a connection we will not serve, written whole, then the connection closed."""
+    body = json.dumps(error.as_json()).encode()
+    transport.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    transport.loseConnection()
+
+
 class LimitedChannel(HTTPChannel):
-    """Answers 413 as soon as the headers declare a body over the limit, without reading it."""
+    """
+    An HTTP connection with limits Twisted's own do not give: 413 as soon as the headers declare a body over
+    the limit, without reading it; a total deadline for a request's line and headers (the idle timeout starts
+    again at every byte, so a client sending a byte every few seconds would never be cut); and at most
+    C{max_per_address} open connections per client address. Requests being answered (SSE streams) are not
+    affected by the deadline. The limits are the site's (set by the daemon), else these defaults.
+    """
+
+    header_timeout = 30.0
+    max_per_address = 64
+    _deadline: Any = None
+    _awaiting_headers = True
+    _counted: str | None = None
+
+    def _site_setting(self, name: str) -> Any:
+        return getattr(getattr(self, "site", None), name, getattr(self, name))
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        assert self.transport is not None
+        host = getattr(self.transport.getPeer(), "host", None)
+        site = getattr(self, "site", None)
+        if host is not None and site is not None:
+            counts = site.__dict__.setdefault("connections_per_address", {})
+            limit = self._site_setting("max_per_address")
+            if limit and counts.get(host, 0) >= limit:
+                log.info("refused a connection from {peer}: {n} are open", peer=host, n=counts[host])
+                _refuse_connection(self.transport, b"429 Too Many Requests", ApiError(
+                    429, "too_many_connections", f"at most {limit} connections from one address "
+                                                 "(--max-connections-per-ip)"))
+                return
+            counts[host] = counts.get(host, 0) + 1
+            self._counted = host
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._awaiting_headers and self._deadline is None and data:
+            timeout = self._site_setting("header_timeout")
+            if timeout:
+                self._deadline = self.callLater(timeout, self._too_slow)
+        super().dataReceived(data)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self._awaiting_headers and self.transport is not None:
+            log.info("closed a connection that sent no complete request headers in {s:g} s",
+                     s=self._site_setting("header_timeout"))
+            _refuse_connection(self.transport, b"408 Request Timeout", ApiError(
+                408, "request_timeout", "the request line and headers took too long (--header-timeout)"))
+
+    def _headers_done(self) -> None:
+        self._awaiting_headers = False
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        self._awaiting_headers = True  # the next request's deadline starts with its first byte
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._headers_done()
+        if self._counted is not None:
+            counts = getattr(self, "site", None).__dict__.get("connections_per_address", {})
+            counts[self._counted] -= 1
+            if counts[self._counted] <= 0:
+                del counts[self._counted]
+            self._counted = None
+        super().connectionLost(reason)
 
     def allHeadersReceived(self) -> None:
+        self._headers_done()
         request = self.requests[-1]
         max_body = getattr(request, "max_body", None)
         if max_body is not None and self.length is not None and self.length > max_body:

@@ -58,6 +58,9 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 RESULT_MARK = b'"type":"result"'
 TERM_GRACE = 2.0
 STOP_REASONS = ("cancelled", "timeout", "server_shutdown")
+NOT_AUTHENTICATED = "cli_not_authenticated"
+LOGIN_HINT = ("set ANTHROPIC_API_KEY in the daemon's environment, or log the CLI in with `claude /login` as the "
+              "daemon's user (with the daemon's HOME and CLAUDE_CONFIG_DIR)")
 
 
 @dataclass
@@ -102,6 +105,8 @@ class Host(Protocol):
     def process_gone(self, session: LiveSession, unexpected: bool) -> None: ...
 
     def forget_new_session(self, session: LiveSession) -> Deferred[None]: ...
+
+    def remove_workspace(self, session: LiveSession) -> None: ...
 
 
 class Turn:
@@ -376,15 +381,23 @@ class LiveSession:
         self.log.append_lines(lines)
 
     def _rewrite(self, turn: Turn, line: bytes, result: dict[str, Any]) -> bytes:
-        """A result of a turn we stopped says why (the CLI's own reason is kept beside it)."""
+        """A result of a turn we stopped says why; one of a CLI without (valid) credentials says so and what to
+        set, in ``errors``. The CLI's own reason is kept beside ours, its text as it was."""
         if result.get("is_error"):
             turn.outcome = turn.stop_reason if turn.stop_reason in (*STOP_REASONS, "disconnected") else "error"
-        if turn.stop_reason not in STOP_REASONS:
+        stopped = turn.stop_reason in STOP_REASONS
+        problem = auth_problem(result) if result.get("is_error") and not stopped else None
+        if not stopped and problem is None:
             return line
         result["cli_terminal_reason"] = result.get("terminal_reason")
-        result["terminal_reason"] = turn.stop_reason
+        result["terminal_reason"] = turn.stop_reason if stopped else NOT_AUTHENTICATED
         if turn.timeout_kind:
             result["timeout"] = turn.timeout_kind
+        if problem is not None:
+            errors = result.get("errors")
+            result["errors"] = [*(errors if isinstance(errors, list) else []), problem]
+            log.warn("turn {turn_id} of session {session_id}: {reason}: {problem}", turn_id=turn.turn_id,
+                     session_id=self.session_id, reason=NOT_AUTHENTICATED, problem=problem)
         return json.dumps(result, separators=(",", ":")).encode()
 
     def cli_piece(self, piece: bytes, first: bool, last: bool) -> None:
@@ -493,6 +506,8 @@ class LiveSession:
         if turn.state == "queued":  # never reached a process
             turn.state = "running"
             self.turn = turn
+        if self.never_came_to_be(turn):  # nothing of it may be left once its client has the result
+            self.host.remove_workspace(self)
         self.log.append(event_line(payload))
         self._end_turn()
 
@@ -530,6 +545,21 @@ def usage_of(result: dict[str, Any]) -> dict[str, dict[str, float]]:
             usage[str(model)] = {ours: float(figures.get(theirs) or 0) for theirs, ours in USAGE_KEYS.items()
                                  if isinstance(figures.get(theirs, 0), (int, float))}
     return usage
+
+
+def auth_problem(result: dict[str, Any]) -> str | None:
+    """What to do about an error result that says the CLI has no credentials (CLI 2.1.330: ``Not logged in ·
+    Please run /login``) or that the API refused them (a 401: ``Invalid API key · Fix external API key``, recording
+    g3_FAIL401_retries0); None for any other result."""
+    errors = result.get("errors")
+    said = " ".join(text for text in [result.get("result"), *(errors if isinstance(errors, list) else [])]
+                    if isinstance(text, str))
+    if "Not logged in" in said or "Please run /login" in said:
+        return f"the Claude CLI has no credentials: {LOGIN_HINT}"
+    if result.get("api_error_status") == 401 or result.get("api_error_type") == "authentication_error":
+        return ("the API refused the Claude CLI's credentials (HTTP 401): check ANTHROPIC_API_KEY in the daemon's "
+                "environment, or log the CLI in again with `claude /login` as the daemon's user")
+    return None
 
 
 def _result_of(line: bytes) -> dict[str, Any] | None:

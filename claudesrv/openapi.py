@@ -102,7 +102,9 @@ _DOCUMENT: dict[str, Any] = {
                                   **_errors(404, *_COMMON)}},
             "delete": {"summary": "Delete a session, its ids and its workspace", "parameters": [
                 _SESSION_ID, {"name": "purge_transcript", "in": "query", "schema": {"type": "boolean"}}],
-                       "responses": {"204": {"description": "Deleted"}, **_errors(404, 409, *_COMMON)}}},
+                       "responses": {"200": {"description": "Deleted: {session_id, session_ids, workspace, "
+                                                             "event_log, transcripts_removed, transcripts}"},
+                                     **_errors(400, 404, 409, *_COMMON)}}},
         "/api/sessions/{session_id}/events": {"get": {
             "summary": "Replay the session's events after Last-Event-ID (or ?after=), then follow the running turn",
             "parameters": [_SESSION_ID,
@@ -165,9 +167,12 @@ _DOCUMENT: dict[str, Any] = {
                                   "content": {"application/json": {"schema": {"type": "object"}},
                                               "text/event-stream": {"schema": {"type": "string"}}}},
                           **_errors(400, 404, 409, 410, 413, 415, 503, *_COMMON)}}},
+        "/": {"get": {"summary": "What this server is: name, version and links",
+                      "responses": {"200": {"description": "{name, version, links}"}, **_errors(*_COMMON)}}},
         "/healthz": {"get": {"summary": "Liveness (no auth)", "security": [],
                              "responses": {"200": {"description": "{\"status\": \"ok\"}"}}}},
-        "/readyz": {"get": {"summary": "Readiness checks",
+        "/readyz": {"get": {"summary": "Readiness checks: the CLI answers --version and has credentials (auth status), "
+                                       "the database, the workspace root, capacity",
                             "responses": {"200": {"description": "Ready"}, "503": {"description": "Not ready"},
                                           **_errors(*_COMMON)}}},
         "/metrics": {"get": {"summary": "Prometheus metrics",

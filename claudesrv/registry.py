@@ -276,8 +276,16 @@ class SessionRegistry:
                 if not isinstance(e, OSError):
                     log.failure("session {session_id}: spawning the CLI failed", session_id=session.session_id)
                 reason = e.strerror if isinstance(e, OSError) else type(e).__name__
-                session.write_error_result(turn, f"could not start the Claude CLI {self.executable()!r}: {reason}",
-                                           "spawn_failed")
+                message = f"could not start the Claude CLI {self.executable()!r}: {reason}"
+
+                def fail(_: object = None) -> None:
+                    if turn.state != "ended":  # (its client may have left meanwhile)
+                        session.write_error_result(turn, message, "spawn_failed")
+
+                if turn.new_session:  # its row goes before its client hears of it
+                    self.forget_new_session(session).addBoth(fail)
+                else:
+                    fail()
                 return True
         self.queue.popleft()
         self.running += 1
@@ -421,6 +429,9 @@ class SessionRegistry:
                 d.callback(None)
         self._dispatch()
         self._fill_spares()
+
+    def remove_workspace(self, session: LiveSession) -> None:
+        self.workspaces.remove(session.workspace)
 
     def _discard(self, session: LiveSession) -> None:
         """A new session that never came to be: its log and its (empty) workspace go."""

@@ -6,6 +6,7 @@ expiring idle ones, and telling a supervisor whether the daemon is ready.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import time
@@ -13,11 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from claudesrv.command import is_canonical_uuid
+from claudesrv.live import LOGIN_HINT
 from claudesrv.registry import SessionRegistry
 from claudesrv.store import SessionGroup, SessionStore
 from claudesrv.workspaces import Workspaces
@@ -25,7 +28,9 @@ from claudesrv.workspaces import Workspaces
 log = Logger()
 
 VERSION_CHECK_EVERY = 60.0
-VERSION_TIMEOUT = 10.0
+CREDENTIALS_CHECK_EVERY = 30.0
+PROBE_TIMEOUT = 10.0
+PROBE_OUTPUT = 64 * 1024  # bytes kept of a probe's stdout (its start) and stderr (its end)
 
 
 def transcript_paths(config_dir: str, session_ids: list[str]) -> list[str]:
@@ -56,6 +61,7 @@ class Sessions:
         """
         ids = set(group.session_ids) - self.registry.deleting
         self.registry.deleting |= ids
+        purged: list[str] = []
         try:
             yield self.registry.stop_sessions(group.session_ids)
             yield self.store.delete_workspace(group.workspace)
@@ -63,18 +69,25 @@ class Sessions:
                 self.registry.destroy_log(sid)
             yield self.blocking(self.workspaces.remove, group.workspace)
             if purge_transcript:
-                yield self.blocking(self._purge, group.session_ids)
+                purged = yield self.blocking(self._purge, group.session_ids)
         finally:
             self.registry.deleting -= ids
         log.info("session {session_id} deleted with workspace {workspace}", session_id=group.session_id,
                  workspace=group.workspace)
+        return {"session_id": group.session_id, "session_ids": group.session_ids, "workspace": group.workspace,
+                "event_log": True, "transcripts_removed": len(purged), "transcripts": purged}
 
-    def _purge(self, session_ids: list[str]) -> None:
+    def _purge(self, session_ids: list[str]) -> list[str]:
+        """Remove the CLI's transcripts of these ids; the paths removed."""
+        removed = []
         for path in transcript_paths(self.config_dir, session_ids):
             try:
                 os.remove(path)
             except OSError as e:
                 log.warn("could not remove transcript {path}: {error}", path=path, error=e.strerror)
+            else:
+                removed.append(path)
+        return removed
 
     def remove_orphans(self) -> Deferred[int]:
         """
@@ -140,20 +153,26 @@ class Sessions:
 
 
 class Readiness:
-    """The checks behind /readyz; the CLI's --version is asked at most once a minute."""
+    """
+    The checks behind /readyz. Two ask the CLI, each by one process at a time, killed after 10 s, its answer
+    kept for a while so that /readyz stays cheap: ``--version`` (at most once a minute) and ``auth status``,
+    whether it has credentials (at most every 30 s; CLI 2.1.330 answers offline in ~0.3 s).
+    """
 
     def __init__(self, store: SessionStore, workspaces: Workspaces, registry: SessionRegistry, cli: Any) -> None:
         self.store = store
         self.workspaces = workspaces
         self.registry = registry
         self.cli = cli
-        self._version: tuple[float, dict[str, Any]] | None = None
-        self._waiters: list[Deferred[dict[str, Any]]] = []
+        self._answers: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._waiters: dict[str, list[Deferred[dict[str, Any]]]] = {}
 
     @inlineCallbacks
     def check(self) -> Any:
         checks: dict[str, dict[str, Any]] = {}
-        checks["cli"] = yield self._cli()
+        cli, credentials = self._cli(), self._credentials()  # both processes at once
+        checks["cli"] = yield cli
+        checks["credentials"] = yield credentials
         try:
             yield self.store.ping()
             checks["database"] = {"ok": True}
@@ -169,61 +188,119 @@ class Readiness:
         return checks
 
     def _cli(self) -> Deferred[dict[str, Any]]:
-        """The CLI's --version, asked at most once a minute and by one process at a time, killed after 10 s."""
+        """The CLI's --version; an exit code other than 0 is an error that names it."""
+        return self._ask("--version", VERSION_CHECK_EVERY, _version_check)
+
+    def _credentials(self) -> Deferred[dict[str, Any]]:
+        """``auth status``: ok when the CLI says it is logged in; else what to set."""
+        return self._ask("auth status", CREDENTIALS_CHECK_EVERY, _credentials_check)
+
+    def _ask(self, command: str, every: float, judge: Callable[[_Probe, str], dict[str, Any]]
+             ) -> Deferred[dict[str, Any]]:
+        """The check C{judge} makes of C{command}'s answer, asked again once the last is C{every} s old."""
         now = self.registry.clock.seconds()
-        if self._version is not None and now - self._version[0] < VERSION_CHECK_EVERY:
-            return succeed(self._version[1])
+        last = self._answers.get(command)
+        if last is not None and now - last[0] < every:
+            return succeed(last[1])
         waiter: Deferred[dict[str, Any]] = Deferred()
-        self._waiters.append(waiter)
-        if len(self._waiters) == 1:
-            self._probe(now)
+        waiters = self._waiters.setdefault(command, [])
+        waiters.append(waiter)
+        if len(waiters) == 1:
+            self._probe(command, now, judge)
         return waiter
 
-    def _probe(self, now: float) -> None:
+    def _probe(self, command: str, now: float, judge: Callable[[_Probe, str], dict[str, Any]]) -> None:
         def answer(check: dict[str, Any]) -> None:
-            self._version = (now, check)
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
+            self._answers[command] = (now, check)
+            for waiter in self._waiters.pop(command, []):
                 waiter.callback(check)
 
         path = self.cli.find()
         if path is None:
             answer({"ok": False, "error": f"the Claude CLI {self.cli.name!r} was not found"})
             return
-        probe = _VersionProbe()
+        probe = _Probe()
         reactor: Any = self.registry.clock
         try:
-            transport = reactor.spawnProcess(probe, path, [path, "--version"], env=self.registry.environ,
+            transport = reactor.spawnProcess(probe, path, [path, *command.split()], env=self.registry.environ,
                                              path=self.workspaces.root, childFDs={0: "w", 1: "r", 2: "r"})
-        except OSError as e:
-            answer({"ok": False, "error": e.strerror})
+        except Exception as e:  # OSError, or a reactor that cannot start processes
+            answer({"ok": False, "error": f"could not start the Claude CLI: {getattr(e, 'strerror', None) or e}"})
             return
         transport.closeStdin()
-        killer = reactor.callLater(VERSION_TIMEOUT, transport.signalProcess, "KILL")
+        killer = reactor.callLater(PROBE_TIMEOUT, probe.kill, transport)
 
-        def ended(code: int | None) -> None:
+        def ended(_: None) -> None:
             if killer.active():
                 killer.cancel()
-            check: dict[str, Any] = {"ok": code == 0, "version": probe.out.decode(errors="replace").strip()}
-            if code != 0:
-                check["error"] = (probe.err.decode(errors="replace").strip()[-500:]
-                                  or f"--version did not answer within {VERSION_TIMEOUT:g} s")
-            answer(check)
+            answer(judge(probe, command))
 
         probe.ended.addCallback(ended)
 
 
-class _VersionProbe(ProcessProtocol):
+def _version_check(probe: _Probe, command: str) -> dict[str, Any]:
+    check: dict[str, Any] = {"ok": True, "version": probe.out.decode(errors="replace").strip()}
+    failure = probe.failure(command)
+    if failure is not None:
+        check.update(ok=False, error=failure)
+    return check
+
+
+def _credentials_check(probe: _Probe, command: str) -> dict[str, Any]:
+    """``auth status`` prints JSON (``loggedIn``, ``authMethod``, ``apiProvider``, ``configDirectory``, ...) and
+    exits 0 when logged in, 1 when not; anything else is an error."""
+    try:
+        status = json.loads(probe.out)
+    except ValueError:
+        status = None
+    if not isinstance(status, dict) or not isinstance(status.get("loggedIn"), bool):
+        return {"ok": False, "error": probe.failure(command) or
+                f"`{command}` printed no JSON with loggedIn; this daemon needs a CLI that has it (2.1.330 does)"}
+    check: dict[str, Any] = {"ok": status["loggedIn"]}
+    for ours, theirs in (("auth_method", "authMethod"), ("api_key_source", "apiKeySource"),
+                         ("api_provider", "apiProvider"), ("config_directory", "configDirectory")):
+        if isinstance(status.get(theirs), str):
+            check[ours] = status[theirs]
+    if not status["loggedIn"]:
+        check["error"] = f"the Claude CLI has no credentials: {LOGIN_HINT}"
+    return check
+
+
+class _Probe(ProcessProtocol):
+    """One short CLI command: the start of its stdout, the end of its stderr, how it ended."""
+
     def __init__(self) -> None:
         self.out = bytearray()
         self.err = bytearray()
-        self.ended: Deferred[int | None] = Deferred()
+        self.code: int | None = None
+        self.signal: int | None = None
+        self.timed_out = False
+        self.ended: Deferred[None] = Deferred()
 
     def outReceived(self, data: bytes) -> None:
-        self.out += data[:4096]
+        self.out += data[:max(0, PROBE_OUTPUT - len(self.out))]
 
     def errReceived(self, data: bytes) -> None:
-        self.err += data[:4096]
+        self.err = (self.err + data)[-PROBE_OUTPUT:]
+
+    def kill(self, transport: Any) -> None:
+        self.timed_out = True
+        try:
+            transport.signalProcess("KILL")
+        except ProcessExitedAlready:
+            pass
 
     def processEnded(self, reason: Any) -> None:
-        self.ended.callback(getattr(reason.value, "exitCode", None))
+        self.code = getattr(reason.value, "exitCode", None)
+        self.signal = getattr(reason.value, "signal", None)
+        self.ended.callback(None)
+
+    def failure(self, command: str) -> str | None:
+        """Why C{command} failed (how it ended, and the end of its stderr), or None when it exited 0."""
+        if self.timed_out:
+            return f"the Claude CLI did not answer `{command}` within {PROBE_TIMEOUT:g} s"
+        if self.code == 0:
+            return None
+        how = f"exited with code {self.code}" if self.code is not None else f"was killed by signal {self.signal}"
+        said = self.err.decode(errors="replace").strip()[-500:]
+        return f"the Claude CLI {how} on `{command}`" + (f": {said}" if said else "")

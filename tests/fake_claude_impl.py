@@ -30,7 +30,8 @@ below), ``--permission-prompt-tool TOOL`` (print mode ignores it), ``--session-i
 (prints ``2.1.330 (Claude Code)``, exit 0), ``-h/--help`` (the real help text of recording
 e1_prompt_dashdash_help, exit 0, also when it stands where a prompt was meant), ``--`` (everything after it
 is an operand). ``--opt=value`` and ``-rVALUE`` work as in commander. The prompt is the first operand;
-further operands are ignored (so is everything after ``-- PROMPT``).
+further operands are ignored (so is everything after ``-- PROMPT``). The subcommand ``auth status`` is under
+"Credentials" below.
 
 Errors, with the real CLI's texts (nothing on stdout):
   unknown option                 ``error: unknown option '<opt>'``, exit 1
@@ -114,6 +115,7 @@ FAKE_TIME_SCALE      0 (default): no pauses; S: sleep S x the recording's own ga
 FAKE_STDIN_WAIT_MS   3000: how long an open, silent stdin pipe is waited for
 FAKE_SCENARIO        knobs as ``key=value key=value`` (``[[fake ...]]`` around it is optional)
 FAKE_FIXTURES_DIR    where the recordings are (default: fixtures/claude-cli next to this file)
+FAKE_LOGGED_OUT      0; 1: every turn and ``auth status`` as without credentials (see Credentials)
 
 Knobs (scenario)
 ----------------
@@ -147,6 +149,31 @@ FAKE_SCENARIO; the prompt wins. Unknown keys and non-integer values: message on 
                            session_id come first
   new_id=1                 ``--resume`` of a known id answers with a new id (as CLI versions before 2.1.330
                            did, and --fork-session still does); the new id is recorded as a session too
+  auth=none                this turn as without credentials (see Credentials)
+
+Credentials
+-----------
+``claude auth status [--json|--text]`` (argv ``auth status``; nothing else of ``auth`` exists here: stderr and
+exit 1) answers at once, offline, like the real one (``../shared/docs/claude-cli-sdk.md`` section 7; the fields
+and texts as the C fake in ``tests/bench/`` has them from the real CLI's source): JSON as
+``JSON.stringify(x, null, 2)`` writes it, ``loggedIn``, ``authMethod``, ``apiProvider`` (``firstParty``),
+``analyticsDisabled``, ``projectsDirectory``, ``configDirectory`` (``$CLAUDE_CONFIG_DIR`` or ``~/.claude``),
+``loginExpiresAt`` and ``apiKeySource``; exit 0 when logged in, 1 when not. The fake is logged in unless
+FAKE_LOGGED_OUT=1 (so a daemon that checks credentials is ready in every other test): ``authMethod`` ``api_key``
+with ``apiKeySource`` ``ANTHROPIC_API_KEY`` when that variable is set (not empty), ``oauth_token`` with
+``ANTHROPIC_AUTH_TOKEN`` or ``CLAUDE_CODE_OAUTH_TOKEN``, else ``api_key`` from ``/login managed key`` (with
+``email``, ``orgId``, ``orgName`` null). Logged out: ``"loggedIn": false, "authMethod": "none"``. ``--text``:
+``Not logged in. Run claude auth login to authenticate.``, ``API key: <source>`` or ``Auth token: <variable>``.
+
+FAKE_LOGGED_OUT=1 (every turn, both modes) or the knob ``auth=none`` (one turn) make a turn what the real CLI
+answers without credentials (its recording g19, described in ``tests/bench/README.md``; the lines here are
+recording g3_FAIL401_retries0's, the API's 401, changed as g19 differs): ``system/init`` with ``apiKeySource``
+``none``, an ``assistant`` line from model ``<synthetic>`` with the text ``Not logged in · Please run /login``,
+``"error": "authentication_failed"`` and ``"is_api_error_message": true``, then a ``result`` with ``subtype``
+``success``, ``is_error`` true, ``terminal_reason`` ``api_error``, ``api_error_status`` null, ``result`` the same
+text, no cost (``modelUsage`` and ``model_usage_since_last_result`` empty). Print mode exits 1; SDK mode takes the
+next turn. Knobs that shape a turn's lines (lines, replay, tool, reply, hang, exit, ...) are ignored then. Otherwise
+system/init's ``apiKeySource`` is the recordings' (``ANTHROPIC_API_KEY``) whatever the environment.
 
 SDK streaming mode
 ==================
@@ -322,6 +349,7 @@ keys and non-integer values: message on stderr, exit 2.
   tool_ms=D      an allowed tool runs D ms; an interrupt meanwhile gives s03d's "stopped while running"
                  tool_result and aborted_tools (no denial)
   reply=TEXT     the final assistant text and the result's ``result``
+  auth=none      this turn as without credentials (see Credentials)
   stderr=TEXT    written to stderr when the turn starts
 (in ``cmd=``, ``reply=`` and ``stderr=``, ``_`` stands for a space)
 
@@ -332,6 +360,7 @@ FAKE_STARTUP_MS        0: the simulated start-up; the first answer comes no soon
                        real CLI needs ~400 ms, s01)
 FAKE_TIME_SCALE        0: no pauses; S > 0: sleep S x the recorded gaps (s01's warm turn, s02a's tool turn)
                        before each line of a turn
+FAKE_LOGGED_OUT        0; 1: every turn and ``auth status`` as without credentials (see Credentials)
 FAKE_SDK_FIXTURES_DIR  where the SDK recordings are (default: fixtures/claude-cli-sdk next to this file)
 
 State (under ``$FAKE_STATE_DIR``): ``invocations.jsonl`` (written at start, ``"mode": "sdk"``), ``signals.log``,
@@ -410,7 +439,7 @@ INT_KNOBS = frozenset(
         "new_id",
     )
 )
-STR_KNOBS = frozenset(("replay", "stderr"))
+STR_KNOBS = frozenset(("replay", "stderr", "auth"))
 
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 SID_RE = re.compile(rb'"session_id":"([0-9a-f-]{36})"')
@@ -1063,6 +1092,94 @@ def env_number(name: str, default: float) -> float:
         fail(f"fake_claude: {name} must be a number, got {value!r}", 2)
 
 
+# ---------------------------------------------------------------- credentials
+
+NOT_LOGGED_IN = "Not logged in \u00b7 Please run /login"
+AUTH_RECORDING = "g3_FAIL401_retries0"  # the API's 401: the lines a turn without credentials is made of
+KEEP_WHEN_LOGGED_OUT = ("split", "block", "delay_ms", "init_delay_ms", "stderr")
+
+
+def logged_out(knobs: dict[str, str]) -> bool:
+    """This turn plays a CLI without credentials: FAKE_LOGGED_OUT=1, or the knob auth=none."""
+    if knobs.get("auth", "none") != "none":
+        fail(f"fake_claude: knob auth wants none, got {knobs['auth']!r}", 2)
+    return env_number("FAKE_LOGGED_OUT", 0) != 0 or "auth" in knobs
+
+
+def without_credentials(obj: dict[str, Any]) -> dict[str, Any]:
+    """A line of recording g3 (a 401) as the real CLI writes it without credentials (g19, as the C fake has it)."""
+    if obj.get("type") == "system" and obj.get("subtype") == "init":
+        obj["apiKeySource"] = "none"
+    elif obj.get("type") == "assistant":
+        obj["message"]["content"] = [{"type": "text", "text": NOT_LOGGED_IN}]
+        for key in ("request_id", "api_error_status", "api_error_type"):
+            obj.pop(key, None)
+    elif obj.get("type") == "result":
+        obj.pop("api_error_type", None)
+        obj.update(api_error_status=None, result=NOT_LOGGED_IN)
+    return obj
+
+
+AUTH_HELP = (
+    "Usage: claude auth [options] [command]\n\nManage authentication\n\nCommands:\n"
+    "  status [options]  Show authentication status\n"
+)
+AUTH_STATUS_HELP = (
+    "Usage: claude auth status [options]\n\nShow authentication status\n\nOptions:\n"
+    "  --json  Output as JSON (default)\n  --text  Output as human-readable text\n"
+)
+
+
+def auth_main(args: list[str]) -> NoReturn:
+    """``claude auth status [--json|--text]``: see Credentials in the module's docstring."""
+    RUN.record["mode"] = "auth"
+    log_invocation()
+    if not args or args[0] != "status":
+        if args and args[0] in ("-h", "--help"):
+            write_fd(1, AUTH_HELP.encode())
+            finish(0)
+        fail(f"fake_claude: only `auth status` is supported (got {' '.join(['auth', *args[:1]])})")
+    text = False
+    for arg in args[1:]:
+        if arg in ("-h", "--help"):
+            write_fd(1, AUTH_STATUS_HELP.encode())
+            finish(0)
+        if arg not in ("--json", "--text"):
+            fail(f"error: unknown option '{arg}'")
+        text = arg == "--text"
+    env = os.environ
+    has_key = bool(env.get("ANTHROPIC_API_KEY"))
+    token = next((name for name in ("ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN") if env.get(name)), None)
+    logged_in = env_number("FAKE_LOGGED_OUT", 0) == 0
+    method = "none" if not logged_in else "api_key" if has_key else "oauth_token" if token else "api_key"
+    key_source = None if not logged_in or (token and not has_key) else (
+        "ANTHROPIC_API_KEY" if has_key else "/login managed key")
+    code = 0 if logged_in else 1
+    if text:
+        if not logged_in:
+            answer = "Not logged in. Run claude auth login to authenticate."
+        else:
+            answer = f"API key: {key_source}" if key_source else f"Auth token: {token}"
+        write_fd(1, (answer + "\n").encode())
+        finish(code)
+    config = env.get("CLAUDE_CONFIG_DIR") or os.path.join(env.get("HOME", ""), ".claude")
+    status: dict[str, Any] = {
+        "loggedIn": logged_in,
+        "authMethod": method,
+        "apiProvider": "firstParty",
+        "analyticsDisabled": bool(env.get("DISABLE_TELEMETRY") or env.get("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC")),
+        "projectsDirectory": os.path.join(config, "projects"),
+        "configDirectory": config,
+        "loginExpiresAt": None,
+    }
+    if key_source:
+        status["apiKeySource"] = key_source
+        if not has_key:
+            status.update(email=None, orgId=None, orgName=None)
+    write_fd(1, (json.dumps(status, indent=2, ensure_ascii=False) + "\n").encode())
+    finish(code)
+
+
 # ---------------------------------------------------------------- the turn
 
 
@@ -1083,9 +1200,14 @@ def apply_knobs(scn: Scenario) -> None:
 
 
 def run_turn(prompt: str, source: str, knobs: dict[str, str], sid: str, argv: list[str]) -> int:
+    out = logged_out(knobs)
+    if out:
+        knobs = {key: value for key, value in knobs.items() if key in KEEP_WHEN_LOGGED_OUT}
     scn = Scenario(knobs)
     apply_knobs(scn)
-    rec = Recording(knobs.get("replay", DEFAULT_RECORDING))
+    rec = Recording(AUTH_RECORDING if out else knobs.get("replay", DEFAULT_RECORDING))
+    if out:
+        rec.lines = [jdump(without_credentials(json.loads(line))) for line in rec.lines]
     RUN.result_written = False
     scale = env_number("FAKE_TIME_SCALE", 0.0)
     delay = scn.num("delay_ms") / 1000
@@ -1203,7 +1325,7 @@ SDK_INT_KNOBS = frozenset(
         "tool_ms",
     )
 )
-SDK_STR_KNOBS = frozenset(("tool", "cmd", "reply", "stderr"))
+SDK_STR_KNOBS = frozenset(("tool", "cmd", "reply", "stderr", "auth"))
 PERMISSION_MODES = ("acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "plan")
 EDIT_TOOLS = frozenset(("Write", "Edit", "MultiEdit", "NotebookEdit"))
 INTERRUPTED = "[Request interrupted by user]"
@@ -1920,6 +2042,9 @@ class Sdk:
         scn = turn.scn
         delay = scn.num("delay_ms") / 1000
         self.gap("init", scn.num("init_delay_ms") / 1000)
+        if logged_out(turn.knobs):
+            self.logged_out_turn(turn)
+            return
         self.emit(self.init_line(turn))
         turn.calls = 1
         self.requesting()
@@ -1961,6 +2086,25 @@ class Sdk:
             return
         with_uuids = "s04b_two_queued_with_uuid" if turn.uuids else "s01_init_three_turns"
         self.result(turn, tmpl(with_uuids, "result/success"))
+
+    def logged_out_turn(self, turn: Turn) -> None:
+        """The turn of a CLI without credentials (see Credentials): system/init, the synthetic assistant line
+        and an error result that costs nothing."""
+        delay = turn.scn.num("delay_ms") / 1000
+        self.emit(without_credentials(self.init_line(turn)))
+        rec = Recording(AUTH_RECORDING)
+        assistant, result = (without_credentials(json.loads(rec.lines[i])) for i in (1, 2))
+        assistant["message"]["id"] = new_uuid()
+        self.gap("assistant", delay)
+        self.emit(self.uuid_keys(turn, self.stamped(assistant)))
+        self.gap("result", delay)
+        result = self.stamped(result)
+        result.update(total_cost_usd=self.total_cost or 0, result_index=self.results)  # JSON's 0, not 0.0
+        if turn.uuids:
+            result = with_key_after(result, "uuid", "user_message_uuid", turn.uuids[-1])
+            result = with_key_after(result, "user_message_uuid", "user_message_uuids", turn.uuids)
+        self.emit(result)
+        self.results += 1
 
     def cost_per_call(self) -> float:
         cost: float = tmpl("s01_init_three_turns", "result/success")["total_cost_usd"]
@@ -2424,6 +2568,8 @@ def main(argv: list[str]) -> NoReturn:
         "session_id": None,
         "resume": None,
     }
+    if full_argv[1:2] == ["auth"]:
+        auth_main(full_argv[2:])
     opts = parse_argv(full_argv[1:])
     if any(a in ("-h", "--help") for a in opts.unknown):
         log_invocation()

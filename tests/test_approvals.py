@@ -382,7 +382,7 @@ class Remember(ApprovalTestCase):
         self.assertEqual(self.response(cli3)["behavior"], "deny")
         cli3.end_turn()
         restarted.pump()
-        self.assertEqual(restarted.call("DELETE", f"/api/sessions/{sid}")[0], 204)
+        self.assertEqual(restarted.call("DELETE", f"/api/sessions/{sid}")[0], 200)
         with sqlite3.connect(os.path.join(self.base, "sessions.db")) as db:
             self.assertEqual(list(db.execute("SELECT * FROM remembered_tools")), [])
 

@@ -307,6 +307,59 @@ class FakeClaudeTests(SynchronousTestCase):
         self.assertEqual(len({line["session_id"] for line in r.lines}), 1)
         self.assertNotEqual(r.lines[0]["session_id"], "159defd6-8b45-4966-87f4-f8dc97dceba8")
 
+    # ---- credentials
+
+    def test_auth_status(self) -> None:
+        """`auth status` answers JSON as JSON.stringify(x, null, 2) writes it, exit 0 when logged in: api_key from
+        ANTHROPIC_API_KEY, oauth_token from CLAUDE_CODE_OAUTH_TOKEN, else a /login managed key; FAKE_LOGGED_OUT=1:
+        loggedIn false, authMethod none, exit 1. --text says the same in words; other `auth` commands and options
+        are refused; the invocation is logged with mode auth."""
+        clean = {"ANTHROPIC_API_KEY": "", "ANTHROPIC_AUTH_TOKEN": "", "CLAUDE_CODE_OAUTH_TOKEN": "",
+                 "FAKE_LOGGED_OUT": "0", "CLAUDE_CONFIG_DIR": "/cfg"}
+        r = self.run_fake("auth", "status", **{**clean, "ANTHROPIC_API_KEY": "sk-ant-x"})
+        self.assertEqual(r.code, 0)
+        self.assertEqual(r.stdout.decode(), (
+            '{\n  "loggedIn": true,\n  "authMethod": "api_key",\n  "apiProvider": "firstParty",\n'
+            '  "analyticsDisabled": false,\n  "projectsDirectory": "/cfg/projects",\n  "configDirectory": "/cfg",\n'
+            '  "loginExpiresAt": null,\n  "apiKeySource": "ANTHROPIC_API_KEY"\n}\n'))
+        r = self.run_fake("auth", "status", "--json", **{**clean, "CLAUDE_CODE_OAUTH_TOKEN": "t"})
+        self.assertEqual((r.code, json.loads(r.stdout)["authMethod"], "apiKeySource" in json.loads(r.stdout)),
+                         (0, "oauth_token", False))
+        status = json.loads(self.run_fake("auth", "status", **clean).stdout)
+        self.assertEqual((status["authMethod"], status["apiKeySource"], status["email"]),
+                         ("api_key", "/login managed key", None))
+        r = self.run_fake("auth", "status", **{**clean, "ANTHROPIC_API_KEY": "sk-ant-x", "FAKE_LOGGED_OUT": "1"})
+        status = json.loads(r.stdout)
+        self.assertEqual((r.code, status["loggedIn"], status["authMethod"], "apiKeySource" in status),
+                         (1, False, "none", False))
+        r = self.run_fake("auth", "status", "--text", **{**clean, "FAKE_LOGGED_OUT": "1"})
+        self.assertEqual((r.code, r.stdout), (1, b"Not logged in. Run claude auth login to authenticate.\n"))
+        r = self.run_fake("auth", "status", "--text", **{**clean, "ANTHROPIC_API_KEY": "sk-ant-x"})
+        self.assertEqual((r.code, r.stdout), (0, b"API key: ANTHROPIC_API_KEY\n"))
+        self.assertEqual(self.run_fake("auth", "login").code, 1)
+        r = self.run_fake("auth", "status", "--verbose")
+        self.assertEqual((r.code, r.stderr), (1, "error: unknown option '--verbose'\n"))
+        self.assertEqual({call["mode"] for call in self.invocations()}, {"auth"})
+
+    def test_logged_out_print_mode(self) -> None:
+        """FAKE_LOGGED_OUT=1 (or auth=none): recording g3's lines (an API 401) as the CLI writes them without
+        credentials: init with apiKeySource none, a synthetic assistant line "Not logged in · Please run /login"
+        with error authentication_failed, a result success, is_error, api_error, with that text; exit 1."""
+        for how in ({"FAKE_LOGGED_OUT": "1"}, {"FAKE_SCENARIO": "auth=none"}):
+            r = self.run_fake(*STREAM, "hi [[fake lines=3]]", **how)
+            self.assertEqual(r.code, 1, how)
+            init, assistant, result = r.lines
+            self.assertEqual(init["apiKeySource"], "none")
+            self.assertEqual((assistant["message"]["model"], assistant["message"]["content"], assistant["error"],
+                              assistant["is_api_error_message"], "api_error_status" in assistant),
+                             ("<synthetic>", [{"type": "text", "text": "Not logged in · Please run /login"}],
+                              "authentication_failed", True, False))
+            self.assertEqual((result["subtype"], result["is_error"], result["terminal_reason"],
+                              result["api_error_status"], result["result"], result["total_cost_usd"]),
+                             ("success", True, "api_error", None, "Not logged in · Please run /login", 0))
+            self.assertEqual({line["session_id"] for line in r.lines}, {init["session_id"]})
+        self.assertEqual(self.run_fake(*STREAM, "[[fake auth=some]]").code, 2)
+
 
 # ---------------------------------------------------------------- SDK streaming mode
 
@@ -944,6 +997,37 @@ class FakeSdkModeTests(SynchronousTestCase):
         self.assertEqual([i["fake"]["prompt"] for i in inits], ["slow [[fake delay_ms=300]]", "A\nB"])
         self.assertEqual([r["result_index"] for r in fake.results()], [0, 1])
         self.assertEqual([t["prompt"] for t in self.state_lines("turns.jsonl")], ["slow [[fake delay_ms=300]]", "A\nB"])
+
+    def test_logged_out_turn(self) -> None:
+        """auth=none makes one turn the answer without credentials (init with apiKeySource none, the synthetic
+        assistant line, an error result that costs nothing, the message's uuid keys where the CLI puts them); the
+        process takes the next turn as usual. FAKE_LOGGED_OUT=1 makes every turn so."""
+        fake = self.start(*SDK)
+        fake.user("one")
+        fake.user("two [[fake auth=none tool=Bash]]", uuid="11111111-1111-4111-8111-111111111111")
+        fake.wait_for(lambda x: x.get("type") == "result", fake.wait_for(lambda x: x.get("type") == "result") + 1)
+        fake.user("three")
+        self.assertEqual(fake.finish(), (0, ""))
+        first, second, third = fake.results()
+        self.assertEqual((second["is_error"], second["terminal_reason"], second["result"], second["result_index"]),
+                         (True, "api_error", "Not logged in · Please run /login", 1))
+        self.assertEqual((second["total_cost_usd"], second["modelUsage"], second["model_usage_since_last_result"]),
+                         (first["total_cost_usd"], {}, {}))
+        self.assertEqual(second["user_message_uuids"], ["11111111-1111-4111-8111-111111111111"])
+        self.assertEqual(list(second)[list(second).index("uuid") + 1], "user_message_uuid")
+        at = fake.lines.index(second)
+        init, assistant = fake.lines[at - 2 : at]
+        self.assertEqual((kind(init), init["apiKeySource"]), ("system/init", "none"))
+        self.assertEqual((assistant["message"]["model"], assistant["error"], assistant["user_message_uuid"]),
+                         ("<synthetic>", "authentication_failed", "11111111-1111-4111-8111-111111111111"))
+        self.assertEqual((third["is_error"], third["result_index"]), (False, 2))
+        self.assertEqual(fake.lines[fake.lines.index(third) - 2]["apiKeySource"], "ANTHROPIC_API_KEY")
+        out = self.start(*SDK, FAKE_LOGGED_OUT="1")
+        out.user("a")
+        out.user("b")
+        self.assertEqual(out.finish(), (0, ""))
+        self.assertEqual([r["result"] for r in out.results()], ["Not logged in · Please run /login"] * 2)
+        self.assertEqual([r["total_cost_usd"] for r in out.results()], [0, 0])
 
     def test_state_files(self) -> None:
         """invocations.jsonl gets one line per process (mode sdk, argv, session id, CLAUDESRV_* markers) at

@@ -502,7 +502,7 @@ class Reattach(LiveTestCase):
         d = self.daemon()
         sid = d.post({"prompt": "a"}).session_id
         follower = d.events(sid, "?after=3&follow=session")
-        self.assertEqual(d.call("DELETE", f"/api/sessions/{sid}")[0], 204)
+        self.assertEqual(d.call("DELETE", f"/api/sessions/{sid}")[0], 200)
         self.assertEqual(follower.types(), ["deleted"])
         self.assertTrue(follower.done)
         self.assertFalse(os.path.exists(os.path.join(self.base, "events", sid)))

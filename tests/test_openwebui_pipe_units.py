@@ -13,6 +13,7 @@ import asyncio
 import base64
 import itertools
 import json
+import logging
 import re
 import struct
 import sys
@@ -54,6 +55,9 @@ def load_pipe_module() -> Any:
         exec(compile(text, str(PIPE_PATH), "exec"), module.__dict__)
     finally:
         del sys.modules[name]
+    # what the pipe logs goes to Open WebUI's log; in tests, not to stderr (passing tests print no tracebacks)
+    module.log.addHandler(logging.NullHandler())
+    module.log.propagate = False
     return module
 
 

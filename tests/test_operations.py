@@ -178,7 +178,7 @@ class Delete(TestCase):
         yield wait_for(lambda: f"session {sid}: disconnected" in daemon.log)
         self.assertTrue(pid_alive(pid))
         deleted = yield treq.delete(f"{daemon.url}/api/sessions/{sid}", persistent=False)
-        self.assertEqual(deleted.code, 204)
+        self.assertEqual(deleted.code, 200)
         yield wait_for(lambda: not pid_alive(pid))
         yield wait_for(lambda: not any(pid_alive(g) for g in daemon.grandchildren()))
 
