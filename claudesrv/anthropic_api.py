@@ -100,7 +100,10 @@ class Reply:
         thinking = found.thinking
         if found.activity and self.activity != "hidden":
             thinking += "".join(line + "\n" for line in found.activity)
-        for kind, piece in (("thinking", thinking), ("text", found.text)):
+        text = found.text
+        if text and self.blocks and self.blocks[-1]["type"] == "text" and self.blocks[-1]["text"]:
+            text = "\n\n" + text  # the text of the next message, as the OpenAI endpoint joins them
+        for kind, piece in (("thinking", thinking), ("text", text)):
             if piece:
                 out += self._add(kind, piece)
         return out

@@ -7,7 +7,8 @@ A chat client sends the whole conversation every time. The session it continues 
 turn made), else found by the conversation itself: when everything before the last user message is exactly
 the conversation a session has had so far (its head), that session is resumed and only the new message is
 sent. Any other history (edited, regenerated, or from elsewhere) starts a new session, whose first prompt
-carries the earlier messages as context: it branches, and no session is ever fed a turn twice.
+carries the earlier messages as context: it branches, and no session is fed a turn twice. (A session named by
+a header is the client's choice: a client that regenerates with the same chat id resumes the same session.)
 """
 
 from __future__ import annotations
@@ -280,7 +281,7 @@ class Answer(Protocol):
 
 def extra_options(body: dict[str, Any]) -> dict[str, Any]:
     """The ``claudesrv`` object of a request (the SDKs' ``extra_body``): fields of /api/claude."""
-    extra = body.get("claudesrv") or {}
+    extra = body.get("claudesrv", {})
     if not isinstance(extra, dict) or "prompt" in extra or "model" in extra:
         raise invalid("claudesrv", "claudesrv must be an object of /api/claude's fields, without prompt or model "
                                    "(they come from the messages and model fields)")
@@ -302,7 +303,11 @@ class ChatEndpoint:
         """Validate the turn as /api/claude would (its schema and policy), then run it in its session."""
         chat = Chat.of(request, system, messages, "messages")
         fields: dict[str, Any] = {"prompt": prompt_of(chat.last.text, chat.last.images), **extra_options(body),
-                                  "model": model, "append_system_prompt": system}
+                                  "model": model}
+        if system is not None:
+            if fields.get("append_system_prompt") is not None:
+                raise invalid("claudesrv", "give system messages or claudesrv.append_system_prompt, not both")
+            fields["append_system_prompt"] = system
         turn = self.api.policy.apply(parse_body(fields, self.api.body_limits))
         d = self.conversations.session_of(chat)
         return d.addCallback(self._run, request, chat, turn, answer)
@@ -310,7 +315,12 @@ class ChatEndpoint:
     def _run(self, session_id: str | None, request: IRequest, chat: Chat, turn: ClaudeRequest,
              answer: Callable[[Turn], Answer]) -> Any:
         session_id = session_id or turn.session_id  # else one the claudesrv object named
-        turn = dataclasses.replace(turn, prompt=chat.prompt(resumed=session_id is not None), session_id=session_id)
+        prompt = chat.prompt(resumed=session_id is not None)
+        limit = self.api.body_limits.max_prompt
+        if isinstance(prompt, str) and len(prompt.encode("utf-8", "replace")) > limit:
+            raise ApiError(400, "prompt_too_large", f"the conversation so far is larger than {limit} bytes "
+                                                    "(--max-prompt): start a new conversation", "messages")
+        turn = dataclasses.replace(turn, prompt=prompt, session_id=session_id)
 
         def respond(request: IRequest, admitted: Turn) -> Deferred[Any]:
             given = answer(admitted)

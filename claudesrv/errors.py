@@ -55,11 +55,13 @@ def json_body(request: IRequest, status: int, payload: dict[str, Any]) -> bytes:
 
 
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+                404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+                409: "conflict_error", 410: "invalid_request_error", 413: "invalid_request_error",
                 415: "invalid_request_error", 429: "rate_limit_error"}
 ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                   404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                   503: "overloaded_error"}
+                   404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+                   409: "invalid_request_error", 410: "invalid_request_error", 413: "request_too_large",
+                   415: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error"}
 
 
 def shaped(path: bytes, error: ApiError) -> dict[str, Any]:

@@ -194,7 +194,8 @@ class OpenAIEndpoints(compat.ChatEndpoint):
         for name in ("tools", "functions"):
             if body.get(name):
                 raise invalid(name, "function calling is not offered: Claude Code runs its own tools")
-        options = body.get("stream_options") or {}
+        options = body.get("stream_options")
+        options = {} if options is None else options
         if not isinstance(options, dict):
             raise invalid("stream_options", "stream_options must be an object")
         system, conversation = messages_of(body.get("messages"))
