@@ -18,10 +18,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, FirstError, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import static
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from claudesrv import sse
+from claudesrv import files, sse
 from claudesrv.anthropic_api import AnthropicEndpoint
 from claudesrv.approvals import parse_answer
 from claudesrv.command import ClaudeRequest, is_canonical_uuid, parse_request
@@ -346,6 +348,58 @@ class ClaudeAPI:
             return d.addCallback(lambda usage: json_body(request, 200, {**self._item(group), "usage": usage}))
 
         return self._group(session_id).addCallback(answer)
+
+    @app.route("/api/sessions/<session_id>/files", methods=["GET"])
+    def list_files(self, request: IRequest, session_id: str) -> Any:
+        """A folder of the session's (?path=, default its top; ?hidden=true shows .git)."""
+        path = (request.args.get(b"path") or [b""])[0].decode("utf-8", "surrogateescape")
+        hidden = (request.args.get(b"hidden") or [b"false"])[0].lower() == b"true"
+
+        def answer(group: SessionGroup) -> Deferred[bytes]:
+            d = self.sessions.blocking(files.listing, self._folder(group), path, hidden)
+            return d.addCallback(lambda entries: json_body(request, 200, {"path": path, "entries": entries}))
+
+        return self._group(session_id).addCallback(answer)
+
+    @app.route("/api/sessions/<session_id>/files/<path:file_path>", methods=["GET", "PUT", "DELETE"])
+    def file(self, request: IRequest, session_id: str, file_path: str) -> Any:
+        """Download (ranges too), upload (the raw body) or delete one file of the session's folder. Writes wait
+        for no running turn (409)."""
+        files.check_relative(file_path)
+        method = request.method
+
+        def act(group: SessionGroup) -> Any:
+            root = self._folder(group)
+            if method == b"GET":
+                return self.sessions.blocking(files.readable_file, root, file_path).addCallback(
+                    self._download, request)
+            if self.live.busy(*group.session_ids):
+                raise ApiError(409, "session_busy", "a turn of this session is running; files can be written "
+                                                    "once it has ended")
+            if method == b"DELETE":
+                d = self.sessions.blocking(files.delete_file, root, file_path)
+                return d.addCallback(lambda _: json_body(request, 200, {"deleted": file_path}))
+            assert request.content is not None
+            size = request.content.seek(0, os.SEEK_END)
+            d = self.sessions.blocking(files.write_file, root, file_path, request.content, size)
+            return d.addCallback(lambda written: json_body(request, 201, written))
+
+        return self._group(session_id).addCallback(act)
+
+    def _download(self, real: str, request: IRequest) -> Resource:
+        """The file, streamed by Twisted's static.File (Range, Content-Length, a type from its name); a page
+        from a session is never run as one of ours."""
+        request.setHeader(b"Content-Security-Policy", b"sandbox")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.postpath = []  # the file itself, not a child of it
+        return static.File(real, defaultType="application/octet-stream")
+
+    def _folder(self, group: SessionGroup) -> str:
+        """The session's folder as a checked real path."""
+        try:
+            return self.workspaces.resolve(group.workspace)
+        except WorkspaceError as e:
+            raise ApiError(410 if e.code == "workspace_missing" else 500, e.code, e.message) from None
 
     @app.route("/api/sessions/<session_id>", methods=["DELETE"])
     def delete_session(self, request: IRequest, session_id: str) -> Any:

@@ -25,6 +25,8 @@ def _errors(*codes: int) -> dict[str, Any]:
 _COMMON = (401, 403, 405, 429)
 _SESSION_ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 _SESSION = {"$ref": "#/components/schemas/Session"}
+_FILE_PATH = {"name": "file_path", "in": "path", "required": True, "schema": {"type": "string"},
+              "description": "relative to the session's folder; may hold slashes"}
 
 _DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -131,6 +133,28 @@ _DOCUMENT: dict[str, Any] = {
                                   "content": {"application/json": {
                                       "schema": {"$ref": "#/components/schemas/PermissionResolution"}}}},
                           **_errors(400, 404, 409, 413, 415, *_COMMON)}}},
+        "/api/sessions/{session_id}/files": {"get": {
+            "summary": "A folder of the session's: name, type, size and modified time of each entry",
+            "parameters": [_SESSION_ID, {"name": "path", "in": "query", "schema": {"type": "string"}},
+                           {"name": "hidden", "in": "query", "schema": {"type": "boolean"},
+                            "description": "also .git"}],
+            "responses": {"200": {"description": "{path, entries: [{name, type, size, modified}]}"},
+                          **_errors(400, 403, 404, 410, *_COMMON)}}},
+        "/api/sessions/{session_id}/files/{file_path}": {
+            "get": {"summary": "Download a file of the session's (Range requests too)",
+                    "parameters": [_SESSION_ID, _FILE_PATH],
+                    "responses": {"200": {"description": "The file"}, "206": {"description": "A range of it"},
+                                  **_errors(400, 403, 404, 410, *_COMMON)}},
+            "put": {"summary": "Upload a file (the raw body; parent folders made; 409 while a turn runs)",
+                    "parameters": [_SESSION_ID, _FILE_PATH],
+                    "requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                         "format": "binary"}}}},
+                    "responses": {"201": {"description": "{path, size}"},
+                                  **_errors(400, 403, 404, 409, 410, 413, *_COMMON)}},
+            "delete": {"summary": "Delete a file (a symlink: the link only; 409 while a turn runs)",
+                       "parameters": [_SESSION_ID, _FILE_PATH],
+                       "responses": {"200": {"description": "{deleted}"}, **_errors(400, 403, 404, 409, 410,
+                                                                                     *_COMMON)}}},
         "/v1/models": {"get": {
             "summary": "OpenAI-compatible: claude-code (the default model) and claude-code/<model> per allowed model",
             "responses": {"200": {"description": "{object: list, data: [{id, object: model, created, owned_by}]}"},
