@@ -1,4 +1,5 @@
-"""twistd plugin: ``twistd -n claudesrv``. Everything else lives in claudesrv.tap."""
+"""twistd plugin: ``twistd -n claudesrv`` (the ``claudesrv`` command runs the same). Everything else lives in
+claudesrv.tap."""
 
 from twisted.application.service import ServiceMaker
 
