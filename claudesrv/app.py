@@ -33,7 +33,8 @@ from claudesrv.live import Turn
 from claudesrv.openai_api import OpenAIEndpoints
 from claudesrv.openapi import OPENAPI, openapi_document
 from claudesrv.policy import TurnPolicy
-from claudesrv.registry import Busy, QueueFull, SessionRegistry
+from claudesrv.projects import GitError, Placement, Projects
+from claudesrv.registry import Busy, ProjectBusy, QueueFull, SessionRegistry
 from claudesrv.schema import BodyLimits
 from claudesrv.sessions import Readiness, Sessions
 from claudesrv.store import SessionGroup, SessionStore
@@ -119,13 +120,14 @@ class ClaudeAPI:
     def __init__(self, live: SessionRegistry, store: SessionStore, workspaces: Workspaces,
                  cli: ClaudeExecutable, sessions: Sessions, readiness: Readiness, metrics: CollectorRegistry,
                  policy: TurnPolicy | None = None, body_limits: BodyLimits | None = None,
-                 tool_activity: str = "reasoning") -> None:
+                 tool_activity: str = "reasoning", projects: Projects | None = None) -> None:
         self.live = live
         self.sessions = sessions
         self.readiness = readiness
         self.collectors = metrics
         self.policy = policy or TurnPolicy()
         self.body_limits = body_limits or BodyLimits()
+        self.projects = projects or Projects([], os.path.join(workspaces.root, os.pardir, "worktrees"))
         conversations = Conversations(store)
         self.openai = OpenAIEndpoints(self, conversations, tool_activity)
         self.anthropic = AnthropicEndpoint(self, conversations, tool_activity)
@@ -150,7 +152,10 @@ class ClaudeAPI:
         if self.cli.find() is None:
             raise self.cli.missing()
         if turn.session_id is None:
-            return self._submit(request, turn, None, respond)
+            placement = None
+            if turn.project is not None:
+                placement = Placement(self.projects, self.projects.get(turn.project), turn.worktree, turn.base)
+            return self._submit(request, turn, None, respond, placement)
         live = self.live.sessions.get(turn.session_id)
         if live is not None and not live.forgotten and os.path.isdir(live.workspace):
             return self._submit(request, turn, live.workspace, respond)  # known and warm: no database round trip
@@ -169,12 +174,15 @@ class ClaudeAPI:
         return self._submit(request, turn, workspace, respond)
 
     def _submit(self, request: IRequest, turn_request: ClaudeRequest, workspace: str | None,
-                respond: Respond) -> Any:
+                respond: Respond, placement: Placement | None = None) -> Any:
         """Admit the turn; a new session's row is committed before the first byte of the answer."""
         try:
-            turn = self.live.admit(turn_request, workspace)
+            turn = self.live.admit(turn_request, workspace, placement)
         except Busy:
             raise session_busy() from None
+        except ProjectBusy:
+            raise ApiError(409, "project_busy", "another session runs a turn in this project's folder; wait for it, "
+                                                "or work in a worktree of your own (\"worktree\": true)") from None
         except QueueFull as e:
             request.setHeader(b"Retry-After", b"5")
             raise ApiError(503, "server_busy", f"{e}; try again later") from None
@@ -186,11 +194,16 @@ class ClaudeAPI:
         # a plain Deferred in front: Klein's cancel (the client left) must reach the stream chained to it
         d: Deferred[Any] = Deferred()
         made = [turn.prepared, self.store.record(turn.session_id, workspace)]
-        gatherResults(made, consumeErrors=True).chainDeferred(d)
+        recorded = gatherResults(made, consumeErrors=True)
+        if placement is not None:  # once its worktree (and so its base commit) exists
+            recorded.addCallback(lambda _: self.store.record_project(
+                turn.session_id, placement.project.name, workspace if placement.worktree else None,
+                placement.commit))
+        recorded.chainDeferred(d)
 
         def give_up(_: object) -> None:
             self.live.abandon(turn)
-            self.store.delete_workspace(workspace).addErrback(lambda f: None)  # the row may have been written
+            self.store.delete_sessions([turn.session_id]).addErrback(lambda f: None)  # the row may have been written
 
         def not_recorded(failure: Failure) -> None:
             # once the folders and the row are done (or failed) they are undone, in that order
@@ -199,6 +212,10 @@ class ClaudeAPI:
                 failure = failure.value.subFailure
             if failure.check(CancelledError):  # the client left meanwhile
                 return None
+            if failure.check(ApiError):  # a worktree's base that is no commit
+                raise failure.value
+            if failure.check(GitError):
+                raise ApiError(500, "worktree_error", f"could not make the worktree: {failure.value}")
             if failure.check(OSError):
                 raise ApiError(500, "workspace_error", f"could not create the workspace: {failure.value.strerror}")
             log.failure("could not record session {sid}", failure, sid=turn.session_id)
@@ -344,10 +361,44 @@ class ClaudeAPI:
     def get_session(self, request: IRequest, session_id: str) -> Any:
         """One session: its ids, times, live state (with the options its process runs with) and what it cost."""
         def answer(group: SessionGroup) -> Deferred[bytes]:
-            d = self.store.usage(group.session_ids)
-            return d.addCallback(lambda usage: json_body(request, 200, {**self._item(group), "usage": usage}))
+            parts: list[Deferred[Any]] = [self.store.usage(group.session_ids), self.store.project_of(group.session_id)]
+            d: Deferred[list[Any]] = gatherResults(parts)
+
+            def body(found: list[Any]) -> bytes:
+                usage, project = found
+                where = None if project is None else {"name": project[0], "worktree": project[1],
+                                                      "branch": f"claudesrv/{group.session_id}" if project[1] else None,
+                                                      "base": project[2]}
+                return json_body(request, 200, {**self._item(group), "usage": usage, "project": where})
+
+            return d.addCallback(body)
 
         return self._group(session_id).addCallback(answer)
+
+    @app.route("/api/projects", methods=["GET"])
+    def list_projects(self, request: IRequest) -> Any:
+        """The operator's projects: name, path, whether each is a git repository, and its branch."""
+        d = self.sessions.blocking(self.projects.describe)
+        return d.addCallback(lambda projects: json_body(request, 200, {"projects": projects}))
+
+    @app.route("/api/sessions/<session_id>/diff", methods=["GET"])
+    def diff(self, request: IRequest, session_id: str) -> Any:
+        """What a worktree session changed since its base commit (text/x-diff)."""
+        def found(group: SessionGroup) -> Deferred[tuple[str, str | None, str | None] | None]:
+            return self.store.project_of(group.session_id)
+
+        def answer(info: tuple[str, str | None, str | None] | None) -> Any:
+            if info is None or info[1] is None or info[2] is None:
+                raise ApiError(400, "not_a_worktree_session", "only a session in a worktree of its own has a diff")
+            d = self.sessions.blocking(self.projects.diff, session_id, info[2])
+
+            def text(diff: str) -> bytes:
+                request.setHeader(b"Content-Type", b"text/x-diff; charset=utf-8")
+                return diff.encode("utf-8", "surrogateescape")
+
+            return d.addCallback(text)
+
+        return self._group(session_id).addCallback(found).addCallback(answer)
 
     @app.route("/api/sessions/<session_id>/files", methods=["GET"])
     def list_files(self, request: IRequest, session_id: str) -> Any:
@@ -408,11 +459,15 @@ class ClaudeAPI:
         if purge_arg not in (b"true", b"false"):
             raise ApiError(400, "invalid_query", "purge_transcript must be true or false", "purge_transcript")
         purge = purge_arg == b"true"
+        delete_branch = (request.args.get(b"delete_branch") or [b"false"])[0].lower()
+        if delete_branch not in (b"true", b"false"):
+            raise ApiError(400, "invalid_query", "delete_branch must be true or false", "delete_branch")
 
         def delete(group: SessionGroup) -> Any:
             if self.live.busy(*group.session_ids):
                 raise ApiError(409, "session_busy", "a turn of this session is running; cancel it first")
-            return self.sessions.delete(group, purge).addCallback(lambda removed: json_body(request, 200, removed))
+            d = self.sessions.delete(group, purge, delete_branch == b"true")
+            return d.addCallback(lambda removed: json_body(request, 200, removed))
 
         return self._group(session_id).addCallback(delete)
 

@@ -57,6 +57,9 @@ class ClaudeRequest:
     approvals: bool = False  # ask a person (over HTTP) about tools that need approval, instead of denying them
     model: str | None = None  # set on a warm process with set_model
     permission_mode: str | None = None  # set on a warm process with set_permission_mode
+    project: str | None = None  # a new session's project (claudesrv.projects)
+    worktree: bool = False
+    base: str | None = None
 
 
 def is_canonical_uuid(value: str) -> bool:
@@ -138,6 +141,12 @@ def parse_body(body: Any, limits: BodyLimits) -> ClaudeRequest:
     for field in ("system_prompt", "append_system_prompt"):
         if field in body:
             _check_text(field, body[field])
+    if ("worktree" in body or "base" in body) and "project" not in body:
+        raise invalid("worktree" if "worktree" in body else "base", "worktree and base go with project")
+    if "base" in body and not body.get("worktree"):
+        raise invalid("base", "base is the ref a worktree starts from: give worktree: true too")
+    if "project" in body and session_id is not None:
+        raise invalid("project", "a session keeps the project it began in: give project only for a new session")
     if "system_prompt" in body and "append_system_prompt" in body:
         raise invalid("append_system_prompt", "give system_prompt (replaces) or append_system_prompt (adds), "
                                               "not both")
@@ -156,7 +165,8 @@ def parse_body(body: Any, limits: BodyLimits) -> ClaudeRequest:
         include_partial_messages=bool(body.get("include_partial_messages")))
     return ClaudeRequest(prompt=body["prompt"], session_id=session_id, options=options,
                          detach=bool(body.get("detach")), approvals=bool(body.get("approvals")),
-                         model=body.get("model"), permission_mode=body.get("permission_mode"))
+                         model=body.get("model"), permission_mode=body.get("permission_mode"),
+                         project=body.get("project"), worktree=bool(body.get("worktree")), base=body.get("base"))
 
 
 def build_argv(executable: str, options: SpawnOptions, session_id: str, resume: bool,

@@ -102,8 +102,11 @@ _DOCUMENT: dict[str, Any] = {
                     "responses": {"200": {"description": "The session",
                                           "content": {"application/json": {"schema": _SESSION}}},
                                   **_errors(404, *_COMMON)}},
-            "delete": {"summary": "Delete a session, its ids and its workspace", "parameters": [
-                _SESSION_ID, {"name": "purge_transcript", "in": "query", "schema": {"type": "boolean"}}],
+            "delete": {"summary": "Delete a session, its ids and its workspace (a worktree too; never a project's "
+                                  "own folder)", "parameters": [
+                _SESSION_ID, {"name": "purge_transcript", "in": "query", "schema": {"type": "boolean"}},
+                {"name": "delete_branch", "in": "query", "schema": {"type": "boolean"},
+                 "description": "a worktree session's branch too"}],
                        "responses": {"200": {"description": "Deleted: {session_id, session_ids, workspace, "
                                                              "event_log, transcripts_removed, transcripts}"},
                                      **_errors(400, 404, 409, *_COMMON)}}},
@@ -133,6 +136,14 @@ _DOCUMENT: dict[str, Any] = {
                                   "content": {"application/json": {
                                       "schema": {"$ref": "#/components/schemas/PermissionResolution"}}}},
                           **_errors(400, 404, 409, 413, 415, *_COMMON)}}},
+        "/api/projects": {"get": {
+            "summary": "The operator's projects (--project NAME=DIR): name, path, git, branch",
+            "responses": {"200": {"description": "{projects: [{name, path, git, branch}]}"}, **_errors(*_COMMON)}}},
+        "/api/sessions/{session_id}/diff": {"get": {
+            "summary": "What a worktree session changed since its base commit (text/x-diff)",
+            "parameters": [_SESSION_ID],
+            "responses": {"200": {"description": "The diff", "content": {"text/x-diff": {"schema": {
+                "type": "string"}}}}, **_errors(400, 404, *_COMMON)}}},
         "/api/sessions/{session_id}/files": {"get": {
             "summary": "A folder of the session's: name, type, size and modified time of each entry",
             "parameters": [_SESSION_ID, {"name": "path", "in": "query", "schema": {"type": "string"}},

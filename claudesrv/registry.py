@@ -28,6 +28,7 @@ from claudesrv.command import ClaudeRequest, SpawnOptions, build_argv, build_env
 from claudesrv.eventlog import EventLog
 from claudesrv.live import COLD, IDLE, RUNNING, STARTING, STOPPING, Limits, LiveSession, Turn
 from claudesrv.process import CliProcess, Spawner, kill_marked
+from claudesrv.projects import Placement
 from claudesrv.store import SessionStore
 from claudesrv.workspaces import Workspaces
 
@@ -42,6 +43,10 @@ class Busy(Exception):
 
 class QueueFull(Exception):
     """Every run slot and every queue place is taken."""
+
+
+class ProjectBusy(Exception):
+    """Another session runs a turn in the same project folder."""
 
 
 @dataclass
@@ -152,12 +157,13 @@ class SessionRegistry:
 
     # ------------------------------------------------------------------ admission
 
-    def admit(self, request: ClaudeRequest, workspace: str | None) -> Turn:
+    def admit(self, request: ClaudeRequest, workspace: str | None, placement: Placement | None = None) -> Turn:
         """
-        Take a turn in, or raise L{Busy} / L{QueueFull} having changed nothing. A new session gets a spare,
-        or a fresh workspace and log folder made in a thread (C{turn.prepared} fires when they exist: a
-        burst of new sessions must not wait for each other's file-system round trips); the caller records
-        its row, then calls L{start} (or L{abandon}).
+        Take a turn in, or raise L{Busy} / L{QueueFull} / L{ProjectBusy} having changed nothing. A new session
+        gets a spare, or a fresh workspace (or its project's folder or worktree: C{placement}) and log folder
+        made in a thread (C{turn.prepared} fires when they exist: a burst of new sessions must not wait for
+        each other's file-system round trips); the caller records its row, then calls L{start} (or
+        L{abandon}). Two turns never run in one folder at once (sessions in a project's own folder).
         """
         if not self.accepting:
             raise QueueFull("the server is shutting down")
@@ -166,14 +172,18 @@ class SessionRegistry:
             raise Busy(sid)
         if len(self.turns) >= self.limits.max_runs + self.limits.max_queue:
             raise QueueFull("all run slots and queue places are taken")
+        new_id = str(uuid.uuid4())
+        folder = workspace or (placement.path(new_id) if placement is not None else None)
+        if folder is not None and any(self.sessions[other].workspace == folder for other in self.turns
+                                      if other != sid and other in self.sessions):
+            raise ProjectBusy(folder)
         kind = "cold"
         if sid is None:
-            session = self._take_spare(request.options)
+            session = self._take_spare(request.options) if placement is None else None
             if session is not None:
                 kind = "spare"
             else:
-                new_id = str(uuid.uuid4())
-                session = LiveSession(self, new_id, self.workspaces.path_for(new_id), self.log_for(new_id))
+                session = LiveSession(self, new_id, folder or self.workspaces.path_for(new_id), self.log_for(new_id))
                 session.known_to_cli = False
             self.logs[session.session_id] = session.log
             self.sessions[session.session_id] = session
@@ -185,13 +195,16 @@ class SessionRegistry:
         turn.kind = kind
         turn.start_offset = session.log.begin_turn()
         if sid is None and kind == "cold":  # the thread is the only one to touch the new log until it is done
-            turn.prepared = self.blocking(self._prepare, session)
+            turn.prepared = self.blocking(self._prepare, session, placement)
         self.turns[session.session_id] = turn
         return turn
 
-    def _prepare(self, session: LiveSession) -> None:
-        """In a thread, before anyone else sees the new session: its workspace, and its log's first file."""
-        self.workspaces.create(session.session_id)
+    def _prepare(self, session: LiveSession, placement: Placement | None) -> None:
+        """In a thread, before anyone else sees the new session: its folder, and its log's first file."""
+        if placement is None:
+            self.workspaces.create(session.session_id)
+        else:
+            placement.create(session.session_id)
         session.log.begin_turn(now=True)
 
     def start(self, turn: Turn) -> None:
@@ -444,7 +457,7 @@ class SessionRegistry:
     def forget_new_session(self, session: LiveSession) -> Deferred[None]:
         """A new session whose CLI died before saying anything: its row goes now, the rest when it is gone."""
         session.forgotten = True
-        d = self.store.delete_workspace(session.workspace)
+        d = self.store.delete_sessions([session.session_id])
         d.addErrback(lambda f: log.failure("could not remove the row of session {sid}", f, sid=session.session_id))
         return d
 

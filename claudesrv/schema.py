@@ -88,6 +88,12 @@ def turn_schema(limits: BodyLimits = BodyLimits()) -> dict[str, Any]:
                             "description": "JSON Schema of a structured answer (structured_output in the result)"},
             "include_partial_messages": {"type": "boolean", "description": "stream token-level stream_event lines"},
             "permission_mode": {"enum": PERMISSION_MODES},
+            "project": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9._-]*$",
+                        "description": "a new session works in this project's folder (GET /api/projects)"},
+            "worktree": {"type": "boolean", "description": "with project (a git one): in a git worktree of its own "
+                                                          "on a new branch claudesrv/<session id>"},
+            "base": {"type": "string", "minLength": 1, "maxLength": 256, "pattern": r"^[^\-\s][^\s]*$",
+                     "description": "with worktree: the ref its branch starts from (default the project's HEAD)"},
         }}
 
 

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from claudesrv.command import is_canonical_uuid
 from claudesrv.live import LOGIN_HINT
+from claudesrv.projects import Projects
 from claudesrv.registry import SessionRegistry
 from claudesrv.store import SessionGroup, SessionStore
 from claudesrv.workspaces import Workspaces
@@ -44,8 +45,10 @@ def transcript_paths(config_dir: str, session_ids: list[str]) -> list[str]:
 
 class Sessions:
     def __init__(self, store: SessionStore, workspaces: Workspaces, registry: SessionRegistry,
-                 environ: dict[str, str], blocking: Callable[..., Deferred[Any]] = deferToThread) -> None:
+                 environ: dict[str, str], blocking: Callable[..., Deferred[Any]] = deferToThread,
+                 projects: Projects | None = None) -> None:
         self.blocking = blocking  # file-system work off the reactor thread (inline in tests)
+        self.projects = projects or Projects([], os.path.join(workspaces.root, os.pardir, "worktrees"))
         self.store = store
         self.workspaces = workspaces
         self.registry = registry
@@ -53,7 +56,7 @@ class Sessions:
             environ.get("HOME", os.path.expanduser("~")), ".claude")
 
     @inlineCallbacks
-    def delete(self, group: SessionGroup, purge_transcript: bool = False) -> Any:
+    def delete(self, group: SessionGroup, purge_transcript: bool = False, delete_branch: bool = False) -> Any:
         """
         Its live process first (put to sleep and awaited), then the rows (so the session is gone for every
         client at once), then its event log (its followers get a ``deleted`` event) and its files. Its ids
@@ -64,10 +67,14 @@ class Sessions:
         purged: list[str] = []
         try:
             yield self.registry.stop_sessions(group.session_ids)
-            yield self.store.delete_workspace(group.workspace)
+            project = yield self.store.project_of(group.session_id)
+            yield self.store.delete_sessions(group.session_ids)
             for sid in group.session_ids:
                 self.registry.destroy_log(sid)
-            yield self.blocking(self.workspaces.remove, group.workspace)
+            if project is not None and project[1] is not None and project[0] in self.projects.by_name:
+                yield self.blocking(self.projects.remove_worktree, self.projects.by_name[project[0]],
+                                    group.session_id, delete_branch)
+            yield self.blocking(self.workspaces.remove, group.workspace)  # never a project's own folder
             if purge_transcript:
                 purged = yield self.blocking(self._purge, group.session_ids)
         finally:

@@ -69,10 +69,24 @@ ADD_USAGE = (
     + ", ".join(f"{k} = {k} + excluded.{k}" for k in TOKEN_KINDS))
 
 
+# the project a session works in (claudesrv.projects), and its worktree's base commit if it has one
+PROJECTS = """
+CREATE TABLE IF NOT EXISTS session_projects (
+    claude_session_id TEXT PRIMARY KEY REFERENCES sessions(claude_session_id) ON DELETE CASCADE,
+    project TEXT NOT NULL,
+    worktree TEXT,
+    base TEXT
+)
+"""
+
+# ids that share a workspace are one session (a resume the CLI answered with a new id); sessions in a
+# project's own folder share it and are each their own
 GROUPS = (
     "SELECT workspace_path, MIN(created_at), MAX(last_used_at) AS last, MAX(rid) AS newest, "
-    "json_group_array(claude_session_id) FROM (SELECT rowid AS rid, * FROM sessions ORDER BY rowid) "
-    "GROUP BY workspace_path"
+    "json_group_array(claude_session_id) FROM (SELECT s.rowid AS rid, s.*, CASE WHEN p.worktree IS NULL AND "
+    "p.project IS NOT NULL THEN s.claude_session_id ELSE s.workspace_path END AS grouping FROM sessions s "
+    "LEFT JOIN session_projects p USING (claude_session_id) ORDER BY s.rowid) "
+    "GROUP BY grouping"
 )
 
 
@@ -207,6 +221,7 @@ class SessionStore:
         yield self._execute(REMEMBERED)
         yield self._execute(USAGE)
         yield self._execute(CONVERSATIONS)
+        yield self._execute(PROJECTS)
         yield self._execute("CREATE INDEX IF NOT EXISTS conversations_session ON conversations(claude_session_id)")
         yield self._execute("CREATE INDEX IF NOT EXISTS sessions_workspace ON sessions(workspace_path)")
 
@@ -246,16 +261,28 @@ class SessionStore:
         return d.addCallback(_groups)
 
     def group_of(self, session_id: str) -> Deferred[SessionGroup | None]:
-        d = self._query(GROUPS.replace("GROUP BY", "WHERE workspace_path = (SELECT workspace_path FROM sessions "
-                                                   "WHERE claude_session_id = ?) GROUP BY"), session_id)
+        d = self._query(GROUPS + " HAVING SUM(claude_session_id = ?) > 0", session_id)
         return d.addCallback(lambda rows: next(iter(_groups(rows)), None))
 
     def idle_since(self, cutoff: str) -> Deferred[list[SessionGroup]]:
         """Groups whose last use is older than C{cutoff} ('YYYY-MM-DD HH:MM:SS', UTC)."""
         return self._query(GROUPS + " HAVING last < ?", cutoff).addCallback(_groups)
 
-    def delete_workspace(self, workspace: str) -> Deferred[None]:
-        return self._execute("DELETE FROM sessions WHERE workspace_path = ?", workspace)
+    def delete_sessions(self, session_ids: list[str]) -> Deferred[None]:
+        """These ids' rows, and with them what other tables hold of them."""
+        return self._execute(f"DELETE FROM sessions WHERE claude_session_id IN ({', '.join('?' * len(session_ids))})",
+                             *session_ids)
+
+    def record_project(self, session_id: str, project: str, worktree: str | None, base: str | None
+                       ) -> Deferred[None]:
+        return self._execute("INSERT OR REPLACE INTO session_projects (claude_session_id, project, worktree, base) "
+                             "VALUES (?, ?, ?, ?)", session_id, project, worktree, base)
+
+    def project_of(self, session_id: str) -> Deferred[tuple[str, str | None, str | None] | None]:
+        """(project, worktree, base) of a session in a project, else None."""
+        d = self._query("SELECT project, worktree, base FROM session_projects WHERE claude_session_id = ?",
+                        session_id)
+        return d.addCallback(lambda rows: tuple(rows[0]) if rows else None)
 
     def remembered(self, session_id: str) -> Deferred[set[str]]:
         """The tools a person allowed for the rest of this session."""

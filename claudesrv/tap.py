@@ -43,6 +43,7 @@ from claudesrv.logs import QuietSite, access_logged
 from claudesrv.metrics import registry_for
 from claudesrv.policy import TurnPolicy
 from claudesrv.process import spawner
+from claudesrv.projects import ProjectError, Projects, parse_project
 from claudesrv.registry import SessionRegistry
 from claudesrv.schema import MODEL_PATTERN, BodyLimits
 from claudesrv.sessions import Readiness, Sessions
@@ -204,6 +205,7 @@ class Options(usage.Options):
         self["allowed-host"] = []
         self["cors-origin"] = []
         self["deny-tool"] = []
+        self["project"] = []
         self["allow-input-edits"] = []
         self["allow-model"] = []
         self["tokens"] = []
@@ -216,6 +218,16 @@ class Options(usage.Options):
         """An origin that gets CORS headers, e.g. http://localhost:8080 (repeatable; '*' allows any,
         dangerous without a token)."""
         self["cors-origin"].append(origin)
+
+    def opt_project(self, value: str) -> None:
+        """NAME=DIR: a folder new sessions may work in ("project": "NAME"), or in git worktrees of (repeatable)."""
+        try:
+            project = parse_project(value)
+        except ProjectError as e:
+            raise usage.UsageError(str(e)) from None
+        if any(p.name == project.name for p in self["project"]):
+            raise usage.UsageError(f"--project {project.name}: given twice")
+        self["project"].append(project)
 
     def opt_deny_tool(self, tool: str) -> None:
         """A tool always added to the CLI's disallowed tools, whatever the request says (repeatable)."""
@@ -524,7 +536,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     environ = dict(os.environ)
     environ.pop("CLAUDESRV_AUTH_TOKENS", None)  # read already; no child process gets the clients' tokens
     store = SessionStore(PooledSqlite(os.path.join(data_dir, "sessions.db")), reactor)
-    workspaces = Workspaces(os.path.join(data_dir, "Workspace"))
+    projects = Projects(options["project"], os.path.join(data_dir, "worktrees"))
+    workspaces = Workspaces(os.path.join(data_dir, "Workspace"), projects.folders(), [projects.worktrees])
     cli = ClaudeExecutable(options["claude"], environ)
     limits = Limits(
         max_runs=options["max-runs"], max_queue=options["max-queue"], max_live=options["max-live"],
@@ -537,7 +550,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     )
     live = SessionRegistry(reactor, spawner(reactor), store, workspaces, cli.path, environ, limits,
                            os.path.join(data_dir, "events"))
-    sessions = Sessions(store, workspaces, live, environ)
+    sessions = Sessions(store, workspaces, live, environ, projects=projects)
     turn_policy = TurnPolicy(
         skip_permissions=options["skip-permissions"], as_root=os.geteuid() == 0, sandboxed=bool(options["sandboxed"]),
         approvals=options["approvals"], allow_models=tuple(options["allow-model"]),
@@ -548,7 +561,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     body_limits = BodyLimits(max_prompt=options["max-prompt"], max_system_prompt=options["max-system-prompt"],
                              max_image_bytes=options["max-image-bytes"])
     api = ClaudeAPI(live, store, workspaces, cli, sessions, Readiness(store, workspaces, live, cli), metrics,
-                    policy=turn_policy, body_limits=body_limits, tool_activity=options["openai-tool-activity"])
+                    policy=turn_policy, body_limits=body_limits, tool_activity=options["openai-tool-activity"],
+                    projects=projects)
     policy = Policy(
         tokens=options["tokens"],
         loopback_only=all(is_loopback_listener(d) for d in options["listen"]),

@@ -20,8 +20,10 @@ class WorkspaceError(Exception):
 class Workspaces:
     """The ``Workspace/`` folder under the data dir."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, folders: list[str] | None = None, roots: list[str] | None = None) -> None:
         self.root = os.path.realpath(root)
+        self.folders = {os.path.realpath(f) for f in folders or []}  # projects' own folders
+        self.roots = [self.root] + [os.path.realpath(r) for r in roots or []]  # the worktrees' too
 
     def ensure_root(self) -> None:
         os.makedirs(self.root, exist_ok=True)
@@ -46,7 +48,7 @@ class Workspaces:
         The check compares with a trailing separator, so ``Workspace-evil/`` next to the root is outside.
         """
         real = os.path.realpath(stored)
-        if not real.startswith(self.root + os.sep):
+        if real not in self.folders and not any(real.startswith(root + os.sep) for root in self.roots):
             raise WorkspaceError("workspace_outside_root",
                                  "the stored workspace of this session is outside the workspace root")
         if not os.path.isdir(real):
