@@ -66,6 +66,7 @@ class SessionsApi(InProcess):
         self.assertIsNone(rest["next_cursor"])
         code, item = d.call("GET", f"/api/sessions/{sids[0]}")
         usage = item.pop("usage")
+        self.assertIsNone(item.pop("project"))
         self.assertEqual((code, item), (200, page["sessions"][0]))
         [recorded] = json.loads(harness.TURN[-1])["model_usage_since_last_result"].values()  # its one turn's
         self.assertEqual((usage["turns"], usage["input_tokens"], usage["output_tokens"]),
