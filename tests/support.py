@@ -321,10 +321,11 @@ def signals(state_dir: str) -> list[str]:
 class Reply:
     """An HTTP answer: status, headers, and the SSE stream (or JSON body) read to its end."""
 
-    def __init__(self, status: int, headers: Any, sse: SSEParser) -> None:
+    def __init__(self, status: int, headers: Any, sse: SSEParser, phrase: bytes = b"") -> None:
         self.status = status
         self.headers = headers
         self.sse = sse
+        self.phrase = phrase
 
     def header(self, name: str) -> str | None:
         values = self.headers.getRawHeaders(name)
@@ -357,7 +358,7 @@ def post(url: str, body: Any, headers: dict[str, str] | None = None, raw: bytes 
             on_frame(sse)
 
     yield treq.collect(response, collect)
-    return Reply(response.code, response.headers, sse)
+    return Reply(response.code, response.headers, sse, response.phrase)
 
 
 @inlineCallbacks
