@@ -32,6 +32,7 @@ from claudesrv.metrics import HttpMetrics, route_of
 
 log = Logger()
 
+UPLOAD_PATH = re.compile(rb"^/api/sessions/[^/]+/files/.")
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]"}
 OPEN_PATHS = {b"/healthz"}
 AUTH_FAILURES_PER_MINUTE = 10
@@ -259,6 +260,7 @@ class LimitedChannel(HTTPChannel):
 
     header_timeout = 30.0
     max_per_address = 64
+    max_upload = 100 << 20
     _deadline: Any = None
     _awaiting_headers = True
     _counted: str | None = None
@@ -321,6 +323,10 @@ class LimitedChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._headers_done()
         request = self.requests[-1]
+        upload = self._site_setting("max_upload")
+        command, path = getattr(self, "_command", b""), getattr(self, "_path", b"")
+        if upload and command == b"PUT" and UPLOAD_PATH.match(path.split(b"?")[0]):
+            request.max_body = upload  # a file's body, not a JSON request: its own limit (--max-upload)
         max_body = getattr(request, "max_body", None)
         if max_body is not None and self.length is not None and self.length > max_body:
             request.refused_early = True

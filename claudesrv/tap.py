@@ -178,6 +178,8 @@ class Options(usage.Options):
         ["max-connections-per-ip", None, 64, "Most open connections from one client address; the next gets 429 "
                                              "(0: no limit).", _whole],
         ["max-body", None, 32 << 20, "Largest request body in bytes (413 beyond; images count).", _positive],
+        ["max-upload", None, 100 << 20, "Largest file uploaded to a session (PUT .../files/PATH), in bytes.",
+         _positive],
         ["auth-token-file", None, None, "File of bearer tokens, one a line (re-read on SIGHUP; an empty file is "
                                         "an error). Tokens can "
                                         "also come from the CLAUDESRV_AUTH_TOKENS environment variable "
@@ -588,6 +590,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     site.displayTracebacks = False
     site.header_timeout = options["header-timeout"]  # type: ignore[attr-defined]
     site.max_per_address = options["max-connections-per-ip"]  # type: ignore[attr-defined]
+    site.max_upload = options["max-upload"]  # type: ignore[attr-defined]
     for description in options["listen"]:
         listening = listener_description(description, options["max-runs"] + options["max-queue"])
         Listener(description, endpoints.serverFromString(reactor, listening), site).setServiceParent(top)

@@ -85,7 +85,7 @@ class FilesTests(TestCase):
 
     @inlineCallbacks
     def test_files_and_hostile_table(self) -> Any:
-        daemon = yield Daemon(self, "--max-body", "65536").start()
+        daemon = yield Daemon(self, "--max-body", "40000", "--max-upload", "50000").start()
         reply = yield post(daemon.url + "/api/claude", {"prompt": "make a session"})
         sid = reply.session_id
         base = f"/api/sessions/{sid}/files"
@@ -145,7 +145,7 @@ class FilesTests(TestCase):
             ("put onto a folder", "PUT", base + "/docs", b"x", 409, "not_a_file"),
             ("put onto a fifo", "PUT", base + "/fifo", b"x", 409, "not_a_file"),
             ("put NUL", "PUT", base + "/a%00b", b"x", 400, "invalid_path"),
-            ("put too large", "PUT", base + "/big.bin", b"x" * 70000, 413, "body_too_large"),
+            ("put over --max-upload", "PUT", base + "/big.bin", b"x" * 50001, 413, "body_too_large"),
             ("delete a folder", "DELETE", base + "/docs", b"", 409, "not_a_file"),
             ("delete absent", "DELETE", base + "/nothing.txt", b"", 404, "file_not_found"),
             ("delete dot-dot", "DELETE", base + "/../../victim.txt", b"", 400, "invalid_path"),
@@ -168,7 +168,7 @@ class FilesTests(TestCase):
         self.assertEqual(snapshot(outside), before)
 
         # two writers at once: the file is one body or the other, whole
-        bodies = [b"a" * 30000, b"b" * 30000]
+        bodies = [b"a" * 45000, b"b" * 45000]  # over --max-body, within --max-upload
         results = yield gatherResults([raw(port, "PUT", base + "/race.bin", b) for b in bodies])
         self.assertEqual([r[0] for r in results], [201, 201])
         with open(os.path.join(root, "race.bin"), "rb") as f:
