@@ -29,6 +29,13 @@ description: Chat with Claude Code through a claudesrv server, one Claude Code s
 # The server enforces what is allowed; this pipe only forwards what the user asked for.
 # Claude's thinking shows in Open WebUI's own reasoning block ("Thought for N seconds").
 #
+# Files: after the answer, the files Claude wrote or edited in the turn (Write, Edit, MultiEdit,
+# NotebookEdit) are listed with links to download them from claudesrv (the valves file_links and
+# public_base_url). Other files attached to a message are put in the session's folder, under
+# uploads/, before the turn, and the prompt names them. The first message of a chat has no folder
+# yet: its attached text files go into the prompt itself, and other files must be attached again
+# with a later message.
+#
 # With the valve approvals on, a tool that was not pre-approved is not denied at once: Open WebUI
 # shows a confirmation dialog (Confirm allows the tool, Cancel denies it), and a question from
 # Claude (AskUserQuestion) becomes an input dialog. A dialog closed without an answer denies, at the
@@ -38,11 +45,15 @@ import asyncio
 import binascii
 import codecs
 import html
+import inspect
 import json
 import logging
 import math
+import posixpath
 import re
+import sys
 import time
+import urllib.parse
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
@@ -92,6 +103,15 @@ IMAGE_MAGIC = (
 MAX_IMAGES = 99  # the server takes at most 100 content blocks: the images and the text
 DATA_URL = re.compile(r"data:([^,;]*)((?:;[^,;]*)*),(.*)", re.DOTALL)
 
+# Files attached in Open WebUI, put in the session's folder (or, for a new session, text files into the prompt)
+UPLOADS_DIR = "uploads"
+MAX_ATTACHMENT_BYTES = 32 * 1024 * 1024  # the server's default --max-body
+INLINE_MAX_CHARS = 100_000  # most characters of attached text put into a new session's first prompt
+UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_NAME_CHARS = 100
+MAX_EXTENSION_CHARS = 16
+ATTACHMENT_TYPES = ("file", "text")  # Open WebUI's uploaded files, and a temporary chat's files (their text)
+
 TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
 
@@ -117,6 +137,10 @@ REQUEST_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")
 
 class ParamError(ValueError):
     """A parameter line in the user's message has a value the pipe refuses to send."""
+
+
+class NothingToSend(Exception):
+    """The message had only files, and none of them could be put in the session's folder."""
 
 
 # --------------------------------------------------------------------------- Server-Sent Events
@@ -538,13 +562,296 @@ def last_user_content(messages: list[dict[str, Any]]) -> Any:
     return None
 
 
-def skipped_note(skipped: list[str]) -> str:
-    """A short note on the attachments that were not sent."""
+def skipped_note(skipped: list[str], what: str = "Not sent to Claude") -> str:
+    """A short note on the attachments that were not sent (or, as C{what} says, what else befell them)."""
     counts: dict[str, int] = {}
     for why in skipped:
         counts[why] = counts.get(why, 0) + 1
     said = "; ".join(why if n == 1 else f"{why} (×{n})" for why, n in counts.items())
-    return f"_Not sent to Claude: {said}._"
+    return f"_{what}: {said}._"
+
+
+# --------------------------------------------------------------------------- attached files
+
+
+class Attachment:
+    """A file attached to the newest message: the name it is put in the workspace under, and its bytes."""
+
+    def __init__(self, name: str, data: bytes) -> None:
+        self.name = name
+        self.data = data
+
+
+def is_raster_image(content_type: Any) -> bool:
+    """Whether Open WebUI sends a file of this type as an image (in the message) rather than as a file: any
+    image but SVG, as Open WebUI decides it."""
+    base = str(content_type or "").split(";")[0].strip().lower()
+    return base.startswith("image/") and base != "image/svg+xml"
+
+
+def attachment_record(item: dict[str, Any]) -> dict[str, Any]:
+    """The file record Open WebUI's browser put in an attachment (its upload's answer), or {}."""
+    record = item.get("file")
+    return record if isinstance(record, dict) else {}
+
+
+def attachment_content_type(item: dict[str, Any]) -> str:
+    meta = attachment_record(item).get("meta")
+    found = item.get("content_type") or (meta.get("content_type") if isinstance(meta, dict) else None)
+    return found if isinstance(found, str) else ""
+
+
+def attachment_name(item: dict[str, Any]) -> str:
+    """The name the user saw for an attachment."""
+    record = attachment_record(item)
+    meta = record.get("meta")
+    for name in (item.get("name"), record.get("filename"), meta.get("name") if isinstance(meta, dict) else None):
+        if isinstance(name, str) and name.strip():
+            return name.strip()
+    return "file"
+
+
+def attachment_items(metadata: dict[str, Any] | None, files: Any) -> list[dict[str, Any]]:
+    """
+    The files attached to the newest message, as Open WebUI describes them: the ``files`` of its
+    ``user_message`` (in ``__metadata__``) when Open WebUI gives that message, else ``__files__`` (which in
+    Open WebUI 0.12 also holds the files of the chat's earlier messages). Only uploaded files and a temporary
+    chat's text files count: images go with the message as image blocks, and knowledge collections, notes,
+    chats and web searches are not files.
+    """
+    user_message = (metadata or {}).get("user_message")
+    items = user_message.get("files") if isinstance(user_message, dict) else files
+    found: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict) or item.get("type") not in ATTACHMENT_TYPES:
+            continue
+        if is_raster_image(attachment_content_type(item)):
+            continue
+        key = str(item.get("id") or "") or json.dumps(item, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            found.append(item)
+    return found
+
+
+def safe_name(name: str, taken: set[str]) -> str:
+    """
+    A file name to put an attachment under: the last part of the name, its characters outside letters,
+    digits, ``.``, ``_`` and ``-`` replaced by ``_``, no leading dot or dash, at most MAX_NAME_CHARS, and
+    not one of C{taken} (compared ignoring case; ``a-2.txt`` after ``a.txt``), which it is added to.
+    """
+    base = re.split(r"[\\/]", name)[-1]
+    base = UNSAFE_NAME_CHARS.sub("_", base).lstrip(".-")
+    stem, dot, extension = base.rpartition(".")
+    if not dot or not stem or len(extension) > MAX_EXTENSION_CHARS:
+        stem, dot, extension = base, "", ""
+    stem = stem[:MAX_NAME_CHARS - len(dot + extension)] or "file"
+    candidate, number = stem + dot + extension, 1
+    while candidate.lower() in taken:
+        number += 1
+        candidate = f"{stem[:MAX_NAME_CHARS - len(dot + extension) - 1 - len(str(number))]}-{number}{dot}{extension}"
+    taken.add(candidate.lower())
+    return candidate
+
+
+def openwebui_object(module: str, name: str) -> Any:
+    """An object of Open WebUI's own, from its module already loaded in this process; None elsewhere (nothing is
+    imported: outside Open WebUI there is no such module)."""
+    return getattr(sys.modules.get(module), name, None)
+
+
+class TooLarge(Exception):
+    """An attachment holds more than MAX_ATTACHMENT_BYTES."""
+
+    def __str__(self) -> str:
+        return f"larger than {MAX_ATTACHMENT_BYTES // (1024 * 1024)} MiB"
+
+
+def read_local_file(path: str) -> bytes:
+    """A file's bytes; L{TooLarge} when it holds more than MAX_ATTACHMENT_BYTES."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_ATTACHMENT_BYTES + 1)
+    if len(data) > MAX_ATTACHMENT_BYTES:
+        raise TooLarge()
+    return data
+
+
+async def read_attachment(item: dict[str, Any], user: dict[str, Any] | None) -> tuple[bytes | None, str]:
+    """
+    An attachment's bytes, or None and why they could not be had. A temporary chat's file is its text. An
+    uploaded file is read through Open WebUI's own file table and storage (loaded in its process), and only
+    when it belongs to the user (or the user is an admin), as Open WebUI's own download checks: the path in
+    the attachment comes from the browser and is never trusted.
+    """
+    if item.get("type") == "text":
+        content = item.get("content")
+        if not isinstance(content, str):
+            return None, "a temporary chat's file without its text"
+        data = content.encode("utf-8", "surrogatepass")
+        return (data, "") if len(data) <= MAX_ATTACHMENT_BYTES else (None, str(TooLarge()))
+    file_id = item.get("id") or attachment_record(item).get("id")
+    if not isinstance(file_id, str) or not file_id.strip():
+        return None, "an upload Open WebUI had not finished"
+    files_table = openwebui_object("open_webui.models.files", "Files")
+    if files_table is None:
+        return None, "Open WebUI's file store is not reachable from this pipe"
+    user = user or {}
+    try:
+        record = files_table.get_file_by_id(file_id)
+        if inspect.isawaitable(record):
+            record = await record
+        owner = getattr(record, "user_id", None)
+        if record is None or not ((owner is not None and owner == user.get("id")) or user.get("role") == "admin"):
+            return None, "not a file of yours in Open WebUI"
+        path = getattr(record, "path", None)
+        if not isinstance(path, str) or not path:
+            return None, "Open WebUI has no content for it"
+        storage = openwebui_object("open_webui.storage.provider", "Storage")
+        local = await asyncio.to_thread(storage.get_file, path) if storage is not None else path
+        return await asyncio.to_thread(read_local_file, str(local)), ""
+    except TooLarge as e:
+        return None, str(e)
+    except Exception as e:
+        log.warning("claude-code pipe: reading the attachment %r failed: %s: %s", file_id, type(e).__name__, e)
+        return None, f"Open WebUI could not give its content ({type(e).__name__})"
+
+
+async def read_attachments(items: list[dict[str, Any]], user: dict[str, Any] | None
+                           ) -> tuple[list[Attachment], list[str]]:
+    """The attachments that could be read, each under a safe name of its own, and what could not, in a few
+    words each."""
+    attachments: list[Attachment] = []
+    skipped: list[str] = []
+    taken: set[str] = set()
+    for item in items:
+        name = attachment_name(item)
+        data, why = await read_attachment(item, user)
+        if data is None:
+            skipped.append(f"{one_line(name, 60)} ({why})")
+        else:
+            attachments.append(Attachment(safe_name(name, taken), data))
+    return attachments, skipped
+
+
+def prompt_fence(text: str) -> str:
+    """A code fence longer than any backtick run in the text (which is kept as it is, for Claude)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def inline_attachments(prompt: str, attachments: list[Attachment]) -> tuple[str, list[str]]:
+    """
+    A new session's prompt with its attached text files in it (UTF-8 without NUL bytes, at most
+    INLINE_MAX_CHARS in all), and the names of the files left out: a new session has no folder to put them in
+    before its first turn.
+    """
+    parts = [prompt] if prompt else []
+    left_out: list[str] = []
+    used = 0
+    for attachment in attachments:
+        try:
+            text = attachment.data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or "\0" in text or used + len(text) > INLINE_MAX_CHARS:
+            left_out.append(attachment.name)
+            continue
+        used += len(text)
+        fence = prompt_fence(text)
+        parts.append(f"Attached file {attachment.name}:\n{fence}\n{text.rstrip(chr(10))}\n{fence}")
+    return "\n\n".join(parts), left_out
+
+
+def left_out_note(names: list[str]) -> str:
+    """What a new session's first message could not take along."""
+    return (f"_Not sent to Claude: {', '.join(names)}. A new chat has no folder for files before Claude's first "
+            "answer, so only text files go with the first message (in it): attach the others again with your "
+            "next message._")
+
+
+def uploaded_line(names: list[str]) -> str:
+    """The line added to the prompt naming the files put in the workspace."""
+    return f"Attached files are in {UPLOADS_DIR}/: {', '.join(names)}"
+
+
+# --------------------------------------------------------------------------- files changed in a turn
+
+
+class ChangedFiles:
+    """
+    The files Claude wrote or edited in a turn, from its tool calls: each Write, Edit, MultiEdit or
+    NotebookEdit call whose tool result is not an error counts (files changed otherwise, by Bash say, do not
+    show). Their paths are made relative to the session's folder, the CLI's working directory, which
+    system/init gives.
+    """
+
+    def __init__(self) -> None:
+        self.cwd: str | None = None
+        self.calls: dict[str, str] = {}  # tool_use id -> the file's path, until its result
+        self.paths: list[str] = []  # as Claude gave them, oldest first, each once
+
+    def see(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "system" and event.get("subtype") == "init":
+            cwd = event.get("cwd")
+            if isinstance(cwd, str) and cwd.startswith("/"):
+                self.cwd = cwd
+            return
+        message = event.get("message")
+        content = message.get("content") if isinstance(message, dict) else None
+        for block in content if isinstance(content, list) and kind in ("assistant", "user") else []:
+            if not isinstance(block, dict):
+                continue
+            if kind == "assistant" and block.get("type") == "tool_use" and block.get("name") in EDIT_TOOLS:
+                tool_input = block.get("input")
+                path = next((tool_input[key] for key in ("file_path", "notebook_path")
+                             if isinstance(tool_input, dict) and isinstance(tool_input.get(key), str)), None)
+                if path and isinstance(block.get("id"), str):
+                    self.calls[block["id"]] = path
+            elif kind == "user" and block.get("type") == "tool_result":
+                path = self.calls.pop(str(block.get("tool_use_id")), None)
+                if path is not None and not block.get("is_error") and path not in self.paths:
+                    self.paths.append(path)
+
+    def relative(self) -> list[str]:
+        """The changed files inside the session's folder, relative to it (none without its folder)."""
+        if self.cwd is None:
+            return []
+        found: list[str] = []
+        for path in self.paths:
+            relative = workspace_path(path, self.cwd)
+            if relative is not None and relative not in found:
+                found.append(relative)
+        return found
+
+
+def workspace_path(path: str, cwd: str) -> str | None:
+    """A path Claude gave (absolute, or relative to C{cwd}) relative to the folder C{cwd}; None outside it."""
+    root = posixpath.normpath(cwd)
+    full = posixpath.normpath(posixpath.join(root, path))
+    prefix = root if root.endswith("/") else root + "/"
+    if not full.startswith(prefix) or full == root:
+        return None
+    return full[len(prefix):]
+
+
+def file_url(base_url: str, session_id: str, path: str) -> str:
+    """The claudesrv URL that downloads a file of a session's folder."""
+    return (f"{base_url.rstrip('/')}/api/sessions/{session_id}/files/"
+            f"{urllib.parse.quote(path, safe='/')}")
+
+
+def render_file_links(paths: list[str], base_url: str, session_id: str, token: bool) -> str:
+    """The list of changed files, each a link that downloads it; with C{token}, a word on why a browser alone
+    cannot open them."""
+    lines = ["**Files changed:**"]
+    lines += [f"- [{defuse_tags(inline_code(path))}]({file_url(base_url, session_id, path)})" for path in paths]
+    text = "\n".join(lines)
+    if token:
+        text += ("\n\n_claudesrv wants its token for these links too, so a browser alone gets 401: download them "
+                 "with an `Authorization: Bearer` header._")
+    return text
 
 
 # --------------------------------------------------------------------------- sessions
@@ -1210,6 +1517,16 @@ class Pipe:
                         "pre-approved, and show Claude's questions as input dialogs. Off: the server denies "
                         "such tools.",
         )
+        file_links: bool = Field(
+            default=True,
+            description="After the answer, list the files Claude wrote or edited in the turn, with links that "
+                        "download them from claudesrv.",
+        )
+        public_base_url: str = Field(
+            default="",
+            description="claudesrv's base URL as the browser reaches it, for the file links. Empty: base_url. "
+                        "(A server with tokens answers a browser's link with 401.)",
+        )
 
     def __init__(self) -> None:
         self.valves = self.Valves()
@@ -1240,6 +1557,28 @@ class Pipe:
             headers["Authorization"] = f"Bearer {self.valves.api_token}"
         return headers
 
+    async def upload(self, client: httpx.AsyncClient, session_id: str, attachments: list[Attachment]
+                     ) -> tuple[list[str], list[str]]:
+        """
+        Put each attachment in the session's folder, under uploads/ (a file of the same name is replaced).
+        Returns the names put there, and the others with the server's reason ("HTTP 409 session_busy").
+        """
+        headers = {**self.headers(stream=False), "Content-Type": "application/octet-stream"}
+        put: list[str] = []
+        failed: list[str] = []
+        for attachment in attachments:
+            url = file_url(self.valves.base_url, session_id, f"{UPLOADS_DIR}/{attachment.name}")
+            response = await client.put(url, content=attachment.data, headers=headers)
+            if response.status_code in (200, 201):
+                put.append(attachment.name)
+                continue
+            try:
+                code = str(json.loads(response.content)["error"]["code"])
+            except (ValueError, KeyError, TypeError):
+                code = ""
+            failed.append(f"{attachment.name} (HTTP {response.status_code}{' ' + code if code else ''})")
+        return put, failed
+
     async def pipe(
         self,
         body: dict[str, Any],
@@ -1250,11 +1589,14 @@ class Pipe:
         __task_body__: dict[str, Any] | None = None,
         __event_emitter__: EventEmitter | None = None,
         __event_call__: EventCall | None = None,
+        __files__: list[dict[str, Any]] | None = None,
     ) -> AsyncGenerator[str, None]:
         """
         Answer one chat turn by streaming a claudesrv run; errors become readable text.
         Closing this generator (Open WebUI's Stop) closes the HTTP stream, which stops the run.
         With the approvals valve on (and dialogs to show them in), tools that need approval are asked about.
+        Files attached to the message go into the session's folder first (a new session's text files into the
+        prompt); the files Claude wrote or edited are listed after the answer, with download links.
         """
         if __task__:
             yield task_answer(__task__, __task_body__)
@@ -1271,28 +1613,49 @@ class Pipe:
             yield f"**Not sent:** {e}"
             return
         images, skipped = message_images(last_user_content(messages))
+        resume = None if params.get(NEW_SESSION) else self.session_to_resume(messages, chat_id)
+        attachments, unreadable = await read_attachments(attachment_items(__metadata__, __files__), __user__)
+        skipped += unreadable
+        left_out: list[str] = []
+        if attachments and resume is None:  # no folder before the first turn: text files go into the prompt
+            prompt, left_out = inline_attachments(prompt, attachments)
+            attachments = []
         if skipped:
             yield paragraph(skipped_note(skipped))
-        if not prompt and not images:
+        if left_out:
+            yield paragraph(left_out_note(left_out))
+        if not prompt and not images and not attachments:
             yield paragraph(empty_prompt_reply(messages, params))
             return
-        # Images first, then the text (as Anthropic advises); without images the prompt stays a string.
-        content: str | list[dict[str, Any]] = prompt
-        if images:
-            content = images + ([{"type": "text", "text": prompt}] if prompt else [])
 
-        resume = None if params.get(NEW_SESSION) else self.session_to_resume(messages, chat_id)
         marker: str | None = resume  # the session this answer belongs to
-        # Without __event_call__ (not a browser chat) nobody can be asked: the server denies as without the valve.
-        payload = build_payload(content, params, resume, approvals=valves.approvals and __event_call__ is not None)
+        changed = ChangedFiles()
         url = valves.base_url.rstrip("/") + "/api/claude"
         final_status = "Stopped"  # unless the run ends otherwise
-        await status("Resuming the Claude Code session…" if resume else "Starting Claude Code…")
         try:
             timeout = httpx.Timeout(valves.idle_timeout, connect=valves.connect_timeout)
             async with httpx.AsyncClient(timeout=timeout, transport=self.transport) as client:
+                if attachments and resume is not None:
+                    count = len(attachments)
+                    await status(f"Putting {count} attached file{'' if count == 1 else 's'} in the session's folder…")
+                    put, failed = await self.upload(client, resume, attachments)
+                    if failed:
+                        yield paragraph(skipped_note(failed, "Not put in the session's folder"))
+                    if put:
+                        prompt = "\n\n".join(part for part in (prompt, uploaded_line(put)) if part)
+                # Images first, then the text (as Anthropic advises); without images the prompt stays a string.
+                content: str | list[dict[str, Any]] = prompt
+                if images:
+                    content = images + ([{"type": "text", "text": prompt}] if prompt else [])
+                # Without __event_call__ (not a browser chat) nobody can be asked: the server denies as without
+                # the valve.
+                payload = build_payload(content, params, resume,
+                                        approvals=valves.approvals and __event_call__ is not None)
+                await status("Resuming the Claude Code session…" if resume else "Starting Claude Code…")
                 approvals = Approvals(client, valves.base_url, self.headers(stream=False), __event_call__, status)
                 try:
+                    if not content:
+                        raise NothingToSend()
                     async with client.stream("POST", url, json=payload, headers=self.headers()) as response:
                         if response.status_code != 200:
                             refusal = render_http_error(response.status_code, await response.aread())
@@ -1314,6 +1677,7 @@ class Pipe:
                                         continue
                                     now = clock()
                                     elapsed, last_event_at = now - last_event_at, now
+                                    changed.see(event)
                                     reported = event.get("session_id")
                                     if isinstance(reported, str) and SESSION_ID.fullmatch(reported):
                                         marker = reported
@@ -1342,6 +1706,10 @@ class Pipe:
                                 final_status = result_status(result)
                 finally:
                     await approvals.close()
+        except NothingToSend:
+            final_status = "Not sent"
+            yield paragraph("There is nothing to send: the message has no text, and its files could not be put in "
+                            "the session's folder.")
         except httpx.ConnectTimeout:
             final_status = "Failed"
             yield paragraph(f"**Could not connect to claudesrv** at {url} within {valves.connect_timeout:g} s.")
@@ -1368,5 +1736,9 @@ class Pipe:
             yield paragraph(f"**The pipe failed unexpectedly:** {type(e).__name__}: {e}")
         finally:
             await status(final_status, done=True)
+        changed_paths = changed.relative() if marker and valves.file_links else []
+        if marker and changed_paths:
+            links_base = valves.public_base_url.strip() or valves.base_url
+            yield paragraph(render_file_links(changed_paths, links_base, marker, bool(valves.api_token)))
         if marker:
             yield paragraph(f"session_id={marker}")

@@ -17,12 +17,24 @@ import socket
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any
 
+import httpx
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.support import Daemon, Since, pid_alive, post, state_lines, wait_for
-from tests.test_openwebui_pipe_units import HANG, PNG, PNG_URL, Dialogs, image_block, image_part, load_pipe_module
+from tests.test_openwebui_pipe_units import (
+    HANG,
+    PNG,
+    PNG_URL,
+    USER,
+    Dialogs,
+    FakeOpenWebUI,
+    image_block,
+    image_part,
+    load_pipe_module,
+    with_files,
+)
 
 MARKER = re.compile(r"\nsession_id=([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\Z")
 
@@ -613,3 +625,61 @@ class ApprovalsAsked(TestCase):
         self.assertIn("MOCK-FINAL after tool:", turn.text)
         self.assertIn(("Denied Bash (timeout)", False), turn.statuses())
         self.assertTrue(turn.statuses()[-1][0].startswith("Done"), turn.statuses())
+
+
+def download(url: str) -> Any:
+    """GET a URL as a browser following a link would (no token): a Deferred of (status, Content-Type, body)."""
+    async def get() -> tuple[int, str, bytes]:
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(url)
+            return response.status_code, response.headers.get("Content-Type", ""), response.content
+
+    return in_thread(get)
+
+
+class FilesThroughDaemon(TestCase):
+    """Files both ways through a real daemon and the fake CLI: what Claude wrote, listed with links that download
+    it; a file attached in Open WebUI (its file table faked as the pipe finds it there), put in the session's
+    folder before the turn."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_files_in_and_out(self) -> Any:
+        """A first turn whose Write (pre-approved) the fake reports: the answer lists file.txt with a link to the
+        daemon's download route, which answers 404 with a JSON error until the file exists (the fake writes
+        nothing) and then its bytes. A second message with an attached text file: the file lands in the
+        session's uploads/ folder on disk, and the prompt the CLI gets names it."""
+        owui = FakeOpenWebUI(self)
+        daemon = yield Daemon(self).start()
+        opening = user('allowedTools=["Write"]\n[[fake tool=Write]] write the file')
+        first = yield run_pipe(make_pipe(base_url=daemon.url), chat(opening))
+        session = first.session_id()
+        self.assertIsNotNone(session, first.text)
+        link = f"{daemon.url}/api/sessions/{session}/files/file.txt"
+        self.assertIn(f"\n\n**Files changed:**\n- [`file.txt`]({link})\n\nsession_id={session}", first.text)
+        [call] = daemon.invocations()
+        workspace = call["cwd"]
+        self.assertEqual(os.path.dirname(os.path.realpath(workspace)),
+                         os.path.realpath(os.path.join(daemon.data_dir, "Workspace")))
+
+        status, content_type, body = yield download(link)
+        self.assertEqual((status, content_type), (404, "application/json"))
+        self.assertEqual(json.loads(body)["error"]["code"], "file_not_found")
+        with open(os.path.join(workspace, "file.txt"), "wb") as f:
+            f.write(b"written by the fake\n")
+        status, _, body = yield download(link)
+        self.assertEqual((status, body), (200, b"written by the fake\n"))
+
+        attached = owui.add("my notes.txt", b"remember the milk\n")
+        second = yield run_pipe(make_pipe(base_url=daemon.url),
+                                chat(opening, assistant(first.stored), user("read my notes")),
+                                __user__=USER, __metadata__=with_files(attached, text="read my notes"))
+        self.assertEqual(second.session_id(), session)
+        with open(os.path.join(workspace, "uploads", "my_notes.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"remember the milk\n")
+        prompt = "read my notes\n\nAttached files are in uploads/: my_notes.txt"
+        self.assertEqual(daemon.turns()[-1]["prompt"], prompt)
+        self.assertIn(reply_to(prompt), second.text)
+        self.assertNotIn("Files changed", second.text)
+        self.assertEqual(second.statuses()[0], ("Putting 1 attached file in the session's folder…", False))

@@ -1693,3 +1693,337 @@ class ApprovalTests(SynchronousTestCase):
         assert server.stream is not None
         self.assertTrue(server.stream.closed)
         self.assertEqual(events[-1]["data"], {"description": "Stopped", "done": True})
+
+
+# --------------------------------------------------------------------------- files: attachments in, changed files out
+
+
+WORKSPACE = "/srv/claudesrv/Workspace/11111111"
+INIT_CWD = {**INIT, "cwd": WORKSPACE}
+
+
+def edit_call(tool_id: str, name: str, tool_input: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "assistant", "session_id": SESSION_C,
+            "message": {"content": [{"type": "tool_use", "id": tool_id, "name": name, "input": tool_input}]}}
+
+
+def tool_result(tool_id: str, is_error: bool = False) -> dict[str, Any]:
+    return {"type": "user", "session_id": SESSION_C,
+            "message": {"content": [{"type": "tool_result", "tool_use_id": tool_id, "content": "ok",
+                                     "is_error": is_error}]}}
+
+
+WRITE_RUN = (INIT_CWD, edit_call("toolu_w", "Write", {"file_path": f"{WORKSPACE}/file.txt", "content": "hi\n"}),
+             tool_result("toolu_w"), TEXT_AFTER, RESULT_OK)
+
+
+class FakeOpenWebUI:
+    """
+    Open WebUI's file table and storage as the pipe finds them inside Open WebUI: modules already loaded in
+    sys.modules (removed again when the test ends). ``add`` stores a file as an upload does and gives the
+    attachment as the browser sends it (Open WebUI 0.12.4: the upload's answer under "file").
+    """
+
+    def __init__(self, test: Any) -> None:
+        self.folder = Path(test.mktemp())
+        self.folder.mkdir()
+        self.records: dict[str, Any] = {}
+        self.fetched: list[str] = []
+        files_module = types.ModuleType("open_webui.models.files")
+        files_module.__dict__["Files"] = self
+        storage_module = types.ModuleType("open_webui.storage.provider")
+        storage_module.__dict__["Storage"] = types.SimpleNamespace(get_file=self.get_file)
+        for module in (files_module, storage_module):
+            sys.modules[module.__name__] = module
+            test.addCleanup(sys.modules.pop, module.__name__, None)
+
+    def add(self, name: str, data: bytes, content_type: str = "text/plain", owner: str = "user-1",
+            file_id: str | None = None) -> dict[str, Any]:
+        file_id = file_id or str(uuid.uuid4())
+        path = self.folder / f"{file_id}_{name.replace('/', '_')}"
+        path.write_bytes(data)
+        self.records[file_id] = types.SimpleNamespace(id=file_id, user_id=owner, filename=name, path=str(path))
+        return {"type": "file", "id": file_id, "url": file_id, "name": name, "content_type": content_type,
+                "status": "uploaded", "size": len(data), "collection_name": "", "itemId": str(uuid.uuid4()),
+                "file": {"id": file_id, "user_id": owner, "filename": name, "path": str(path),
+                         "meta": {"name": name, "content_type": content_type, "size": len(data)},
+                         "data": {"status": "pending"}, "status": True}}
+
+    async def get_file_by_id(self, file_id: str) -> Any:
+        return self.records.get(file_id)
+
+    def get_file(self, path: str) -> str:
+        self.fetched.append(path)
+        return path
+
+
+USER = {"id": "user-1", "role": "user", "name": "Ann"}
+
+
+def with_files(*files: dict[str, Any], text: str = "look at this") -> dict[str, Any]:
+    """Open WebUI's __metadata__ for a message with these attachments."""
+    return {"chat_id": "chat-f", "user_message": {"id": "m1", "role": "user", "content": text, "files": list(files)}}
+
+
+class FilesServer:
+    """A claudesrv whose file uploads answer C{put_status} and whose turns stream C{events}; records requests."""
+
+    def __init__(self, *events: dict[str, Any], put_status: int = 201) -> None:
+        self.events = events or (INIT_CWD, TEXT_AFTER, RESULT_OK)
+        self.put_status = put_status
+        self.requests: list[httpx.Request] = []
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if request.method == "PUT":
+            if self.put_status == 201:
+                return httpx.Response(201, json={"path": request.url.path, "size": len(request.content)})
+            return httpx.Response(self.put_status, json={"error": {"code": "session_busy", "message": "busy"}})
+        return httpx.Response(200, headers={"Content-Type": "text/event-stream"}, content=sse(*self.events))
+
+    def puts(self) -> list[tuple[str, bytes]]:
+        return [(request.url.raw_path.decode(), request.content)
+                for request in self.requests if request.method == "PUT"]
+
+    def payloads(self) -> list[Any]:
+        return [json.loads(request.content) for request in self.requests if request.method == "POST"]
+
+
+def run_files(server: FilesServer, messages: list[dict[str, Any]], metadata: dict[str, Any] | None = None,
+              files: list[dict[str, Any]] | None = None, **valve_values: Any) -> tuple[str, list[str]]:
+    pipe = make_pipe(None, **valve_values)
+    pipe.transport = httpx.MockTransport(server.handle)
+    text, events = run_pipe(pipe, {"messages": messages}, __user__=USER, __metadata__=metadata, __files__=files)
+    return text, [str(e["data"]["description"]) for e in events]
+
+
+RESUMED = [user("hello"), assistant("Hi.\n\nsession_id=" + SESSION_A)]
+
+
+class AttachmentUnitTests(SynchronousTestCase):
+    """Which attachments count, the names they get, and how their bytes are had."""
+
+    def test_safe_names(self) -> None:
+        """The last part of the name, a limited set of characters, no leading dot or dash, at most 100 characters
+        with the extension kept, never the same twice (ignoring case)."""
+        taken: set[str] = set()
+        names = [pipe_module.safe_name(name, taken) for name in (
+            "notes.txt", "Notes.TXT", "../../etc/passwd", "C:\\Users\\ann\\report final (2).pdf", ".bashrc",
+            "-rf", "...", "résumé.md", "a" * 300 + ".tar", "x." + "y" * 40, "notes.txt")]
+        self.assertEqual(names, ["notes.txt", "Notes-2.TXT", "passwd", "report_final_2_.pdf", "bashrc", "rf", "file",
+                                 "r_sum_.md", "a" * 96 + ".tar", "x." + "y" * 40, "notes-3.txt"])
+        for name in names:
+            self.assertRegex(name, r"\A[A-Za-z0-9_][A-Za-z0-9._-]{0,99}\Z")
+
+    def test_which_attachments(self) -> None:
+        """The newest message's own files (Open WebUI's user_message), once each; raster images (sent as image
+        blocks) and things that are no files are left out; SVG is a file. Without user_message, __files__."""
+        text_file = {"type": "file", "id": "f1", "name": "a.txt", "content_type": "text/plain"}
+        items: list[dict[str, Any]] = [
+            text_file, dict(text_file),
+            {"type": "file", "id": "f2", "name": "cat.png", "content_type": "image/png"},
+            {"type": "file", "id": "f3", "name": "cat.jpg", "file": {"meta": {"content_type": "image/jpeg"}}},
+            {"type": "file", "id": "f4", "name": "logo.svg", "content_type": "image/svg+xml"},
+            {"type": "image", "url": PNG_URL}, {"type": "collection", "id": "kb"}, {"type": "note", "id": "n"},
+            {"type": "web_search", "name": "q"}, {"type": "text", "name": "tmp.md", "content": "x", "id": "t"}]
+        found = pipe_module.attachment_items(with_files(*items), [{"type": "file", "id": "old"}])
+        self.assertEqual([item["id"] for item in found], ["f1", "f4", "t"])
+        self.assertEqual([i["id"] for i in pipe_module.attachment_items({}, [text_file])], ["f1"])
+        self.assertEqual(pipe_module.attachment_items({"user_message": {"content": "hi"}}, [text_file]), [])
+        self.assertEqual(pipe_module.attachment_items(None, None), [])
+
+    def test_read_through_open_webui(self) -> None:
+        """An upload is read from the path in Open WebUI's own file table, through its storage, when it is the
+        user's (or the user is an admin); the path the browser sent is never used."""
+        owui = FakeOpenWebUI(self)
+        item = owui.add("notes.txt", b"my notes\n")
+        self.assertEqual(run_async(pipe_module.read_attachment(item, USER)), (b"my notes\n", ""))
+        self.assertEqual(owui.fetched, [item["file"]["path"]])
+        forged = {**item, "file": {**item["file"], "path": "/etc/passwd"}}
+        self.assertEqual(run_async(pipe_module.read_attachment(forged, USER)), (b"my notes\n", ""))
+        theirs = owui.add("secret.txt", b"secret", owner="user-2")
+        self.assertEqual(run_async(pipe_module.read_attachment(theirs, USER)),
+                         (None, "not a file of yours in Open WebUI"))
+        self.assertEqual(run_async(pipe_module.read_attachment(theirs, {"id": "admin-1", "role": "admin"})),
+                         (b"secret", ""))
+        self.assertEqual(run_async(pipe_module.read_attachment(theirs, None))[1], "not a file of yours in Open WebUI")
+        unknown = {**item, "id": "no-such-id"}
+        self.assertEqual(run_async(pipe_module.read_attachment(unknown, USER))[1], "not a file of yours in Open WebUI")
+        self.assertEqual(run_async(pipe_module.read_attachment({"type": "file", "id": None}, USER))[1],
+                         "an upload Open WebUI had not finished")
+        self.patch(pipe_module, "MAX_ATTACHMENT_BYTES", 4)
+        self.assertEqual(run_async(pipe_module.read_attachment(item, USER)), (None, str(pipe_module.TooLarge())))
+        Path(owui.records[item["id"]].path).unlink()
+        self.patch(pipe_module, "MAX_ATTACHMENT_BYTES", 1024)
+        self.assertEqual(run_async(pipe_module.read_attachment(item, USER)),
+                         (None, "Open WebUI could not give its content (FileNotFoundError)"))
+
+    def test_outside_open_webui(self) -> None:
+        """Outside Open WebUI (no file table loaded) an upload cannot be read; a temporary chat's file is its
+        text."""
+        item = {"type": "file", "id": "f1", "name": "a.txt", "file": {"path": str(PIPE_PATH)}}
+        self.assertEqual(run_async(pipe_module.read_attachment(item, USER)),
+                         (None, "Open WebUI's file store is not reachable from this pipe"))
+        self.assertEqual(run_async(pipe_module.read_attachment({"type": "text", "content": "é"}, USER)),
+                         ("é".encode(), ""))
+
+    def test_inline_for_a_new_session(self) -> None:
+        """A new session's text files go into its prompt in fences longer than any backticks inside; binary
+        files and text past the limit are left out."""
+        Attachment = pipe_module.Attachment
+        prompt, left_out = pipe_module.inline_attachments("Summarise.", [
+            Attachment("a.md", b"# Title\n```sh\nls\n```\n"), Attachment("b.bin", b"\x00\x01"),
+            Attachment("c.pdf", b"%PDF-\xe2\x28\xa1"), Attachment("d.txt", b"x" * 100_001)])
+        self.assertEqual(prompt, "Summarise.\n\nAttached file a.md:\n````\n# Title\n```sh\nls\n```\n````")
+        self.assertEqual(left_out, ["b.bin", "c.pdf", "d.txt"])
+        self.assertEqual(pipe_module.inline_attachments("", [Attachment("e.txt", b"hi")]),
+                         ("Attached file e.txt:\n```\nhi\n```", []))
+
+
+class ChangedFilesTests(SynchronousTestCase):
+    """The files Claude wrote or edited in a turn, relative to the session's folder, and their links."""
+
+    def test_only_edits_that_worked_inside_the_folder(self) -> None:
+        """Write, Edit, MultiEdit and NotebookEdit calls whose result is no error count, once each, in order;
+        Bash, failed or unanswered calls and paths outside the folder do not."""
+        changed = pipe_module.ChangedFiles()
+        events = [
+            INIT_CWD,
+            edit_call("t1", "Write", {"file_path": f"{WORKSPACE}/src/new file.py"}),
+            edit_call("t2", "Edit", {"file_path": f"{WORKSPACE}/README.md"}),
+            edit_call("t3", "MultiEdit", {"file_path": "/etc/hosts"}),
+            edit_call("t4", "NotebookEdit", {"notebook_path": f"{WORKSPACE}/nb/a.ipynb"}),
+            edit_call("t5", "Bash", {"command": "echo hi > bash.txt"}),
+            edit_call("t6", "Write", {"file_path": f"{WORKSPACE}/never.txt"}),
+            edit_call("t7", "Edit", {"file_path": f"{WORKSPACE}/src/../README.md"}),
+            edit_call("t8", "Write", {"file_path": f"{WORKSPACE}x/sibling.txt"}),
+            tool_result("t1"), tool_result("t2", is_error=True), tool_result("t3"), tool_result("t4"),
+            tool_result("t5"), tool_result("t7"), tool_result("t8"), tool_result("t1"),
+        ]
+        for event in events:
+            changed.see(event)
+        self.assertEqual(changed.relative(), ["src/new file.py", "nb/a.ipynb", "README.md"])
+        without_init = pipe_module.ChangedFiles()
+        for event in events[1:]:
+            without_init.see(event)
+        self.assertEqual(without_init.relative(), [])
+
+    def test_workspace_path(self) -> None:
+        """Paths are made relative to the folder; the folder itself and anything outside it are None."""
+        relative = pipe_module.workspace_path
+        self.assertEqual(relative("/w/a/../b.txt", "/w/"), "b.txt")
+        self.assertEqual(relative("sub/c.txt", "/w"), "sub/c.txt")
+        for path in ("/w", "/w/", "/wx/a", "../x", "/w/../etc/passwd", ""):
+            self.assertIsNone(relative(path, "/w"), path)
+        self.assertEqual(relative("/etc/hosts", "/"), "etc/hosts")
+
+    def test_links(self) -> None:
+        """Each file a link to claudesrv's download route, its path URL-quoted and shown as code; with a token,
+        a note that a browser alone gets 401."""
+        text = pipe_module.render_file_links(["src/a b#1?.py", "ü.txt", "`x`"], "http://h:3000/", SESSION_C, False)
+        base = f"http://h:3000/api/sessions/{SESSION_C}/files/"
+        self.assertEqual(text, "**Files changed:**\n"
+                               f"- [`src/a b#1?.py`]({base}src/a%20b%231%3F.py)\n"
+                               f"- [`ü.txt`]({base}%C3%BC.txt)\n"
+                               f"- [`` `x` ``]({base}%60x%60)")
+        self.assertIn("gets 401", pipe_module.render_file_links(["a"], "http://h", SESSION_C, True))
+
+
+class PipeFilesTests(SynchronousTestCase):
+    """Attachments and changed files through the whole pipe against a fake server."""
+
+    def test_resumed_session_gets_the_files(self) -> None:
+        """A resumed session's attachments are put under uploads/ (raw bytes, the token, octet-stream) before
+        the turn, and the prompt names them; the image goes as an image block, not as a file."""
+        owui = FakeOpenWebUI(self)
+        notes = owui.add("my notes.txt", b"line 1\n")
+        data = owui.add("data.bin", b"\x00\xff")
+        image = owui.add("cat.png", PNG, content_type="image/png")
+        server = FilesServer()
+        messages = [*RESUMED, user([{"type": "text", "text": "look at this"}, image_part(PNG_URL)])]
+        text, statuses = run_files(server, messages, with_files(notes, data, image), api_token="tok")
+        self.assertEqual(server.puts(), [(f"/api/sessions/{SESSION_A}/files/uploads/my_notes.txt", b"line 1\n"),
+                                         (f"/api/sessions/{SESSION_A}/files/uploads/data.bin", b"\x00\xff")])
+        for request in server.requests:
+            self.assertEqual(request.headers["Authorization"], "Bearer tok")
+        self.assertEqual(server.requests[0].headers["Content-Type"], "application/octet-stream")
+        [payload] = server.payloads()
+        self.assertEqual(payload["prompt"], [image_block("image/png", PNG), {
+            "type": "text", "text": "look at this\n\nAttached files are in uploads/: my_notes.txt, data.bin"}])
+        self.assertEqual(payload["session_id"], SESSION_A)
+        self.assertEqual(statuses[:2], ["Putting 2 attached files in the session's folder…",
+                                        "Resuming the Claude Code session…"])
+        self.assertEqual(text, "Done: file.txt holds hi.\n\nsession_id=" + SESSION_C)
+
+    def test_files_alone(self) -> None:
+        """A message with only a file (no text) is sent, the prompt being the line naming it; __files__ serves
+        when Open WebUI gives no user_message; a temporary chat's file is its text."""
+        server = FilesServer()
+        tmp = {"type": "text", "id": "t1", "name": "draft.md", "content": "# Draft\n"}
+        run_files(server, [*RESUMED, user("")], metadata={}, files=[tmp])
+        self.assertEqual(server.puts(), [(f"/api/sessions/{SESSION_A}/files/uploads/draft.md", b"# Draft\n")])
+        self.assertEqual(server.payloads()[0]["prompt"], "Attached files are in uploads/: draft.md")
+
+    def test_refused_uploads(self) -> None:
+        """An upload the server refuses is noted and not named in the prompt; with nothing else to send, nothing
+        is sent, and the answer keeps the session's marker."""
+        owui = FakeOpenWebUI(self)
+        server = FilesServer(put_status=409)
+        text, _ = run_files(server, [*RESUMED, user("and this?")], with_files(owui.add("a.txt", b"a")))
+        self.assertTrue(text.startswith("_Not put in the session's folder: a.txt (HTTP 409 session_busy)._\n\n"), text)
+        self.assertEqual(server.payloads()[0]["prompt"], "and this?")
+        server = FilesServer(put_status=409)
+        text, statuses = run_files(server, [*RESUMED, user("")], with_files(owui.add("a.txt", b"a")))
+        self.assertEqual(server.payloads(), [])
+        self.assertIn("There is nothing to send", text)
+        self.assertTrue(text.endswith("\n\nsession_id=" + SESSION_A), text)
+        self.assertEqual(statuses[-1], "Not sent")
+
+    def test_unreadable_attachment_noted(self) -> None:
+        """A file that cannot be had (another user's) is noted and not put anywhere; the turn goes on."""
+        owui = FakeOpenWebUI(self)
+        server = FilesServer()
+        text, _ = run_files(server, [*RESUMED, user("read it")],
+                            with_files(owui.add("secret.txt", b"s", owner="user-2")))
+        self.assertTrue(text.startswith("_Not sent to Claude: secret.txt (not a file of yours in Open WebUI)._"), text)
+        self.assertEqual((server.puts(), server.payloads()[0]["prompt"]), ([], "read it"))
+
+    def test_new_session_inlines_text(self) -> None:
+        """A chat's first message: text files go into the prompt, nothing is uploaded, and the answer first says
+        which files were left out and why."""
+        owui = FakeOpenWebUI(self)
+        server = FilesServer()
+        files = with_files(owui.add("a.txt", b"alpha\n"), owui.add("b.pdf", b"%PDF-1.7\n\x00\x93"))
+        text, _ = run_files(server, [user("compare")], files)
+        self.assertEqual(server.puts(), [])
+        self.assertEqual(server.payloads()[0]["prompt"], "compare\n\nAttached file a.txt:\n```\nalpha\n```")
+        self.assertTrue(text.startswith("_Not sent to Claude: b.pdf. A new chat has no folder for files before "
+                                        "Claude's first answer"), text)
+        self.assertIn("attach the others again with your next message._\n\nDone:", text)
+
+    def test_new_session_binary_only(self) -> None:
+        """A first message with only a binary file has nothing to send: the note says why, and no call is made."""
+        owui = FakeOpenWebUI(self)
+        server = FilesServer()
+        text, _ = run_files(server, [user("")], with_files(owui.add("b.pdf", b"\x00")))
+        self.assertEqual(server.requests, [])
+        self.assertIn("_Not sent to Claude: b.pdf.", text)
+        self.assertIn("There is nothing to send", text)
+
+    def test_changed_files_listed(self) -> None:
+        """The files Claude wrote are listed after the answer, before the marker, as links to public_base_url (or
+        base_url); the file_links valve switches them off."""
+        text, _ = run_files(FilesServer(*WRITE_RUN), [user("write it")], base_url="http://claudesrv:3000")
+        links = f"**Files changed:**\n- [`file.txt`](http://claudesrv:3000/api/sessions/{SESSION_C}/files/file.txt)"
+        self.assertTrue(text.endswith(f"Done: file.txt holds hi.\n\n{links}\n\nsession_id={SESSION_C}"), text)
+        self.assertEqual(pipe_module.find_session_id([assistant(text)]), SESSION_C)
+        text, _ = run_files(FilesServer(*WRITE_RUN), [user("write it")], public_base_url="https://code.example/")
+        self.assertIn(f"(https://code.example/api/sessions/{SESSION_C}/files/file.txt)", text)
+        text, _ = run_files(FilesServer(*WRITE_RUN), [user("write it")], file_links=False)
+        self.assertNotIn("Files changed", text)
+        text, _ = run_files(FilesServer(*WRITE_RUN), [user("write it")], api_token="tok")
+        self.assertIn("gets 401", text)
+        failed = (INIT_CWD, edit_call("toolu_w", "Write", {"file_path": f"{WORKSPACE}/file.txt"}),
+                  tool_result("toolu_w", is_error=True), TEXT_AFTER, RESULT_OK)
+        text, _ = run_files(FilesServer(*failed), [user("write it")])
+        self.assertNotIn("Files changed", text)
