@@ -42,7 +42,8 @@ Measures (full size; ``--quick`` shrinks them), each against a floor measured in
   idle         100 sessions after one turn each, --max-live 100 + spares: the daemon's VmRSS (floor: its
                VmRSS at start), the live CLI processes, then one more turn on every session: still warm
                (same fake_pid)?
-  concurrency  200 new sessions at once, --spares 0, each ~2 s (4 lines 400 ms apart): completion
+  concurrency  200 new sessions at once, --spares 0 (and no per-address connection cap: every client is
+               127.0.0.1), each ~2 s (4 lines 400 ms apart): completion
                p50/p99 from the launch, failures, daemon peak RSS (floor: 200 fakes in SDK mode spawned
                back to back, each given initialize and its user line at once, all read from one loop)
   slow_reader  a 100 MB turn whose client stops reading for 5 s after the first frame: RSS growth
@@ -1555,7 +1556,9 @@ class Bench:
             return {"claudesrv": {**block(rs, wall), **rss, "most_clis": most, "queued_events": queued}}
 
         n = str(max(c, 200))
-        opts = ["--spares", "0", "--max-runs", n, "--max-live", n, "--max-queue", str(2 * int(n))]
+        # all the clients connect from 127.0.0.1: the per-address connection cap (default 64) is lifted
+        opts = ["--spares", "0", "--max-runs", n, "--max-live", n, "--max-queue", str(2 * int(n)),
+                "--max-connections-per-ip", "0"]
         out = await self.with_daemon(f"concurrency-{rep}", opts, body)
         return {"floor": block(frs, fwall), **out}
 
