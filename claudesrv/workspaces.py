@@ -64,7 +64,7 @@ class Workspaces:
         return True
 
     def remove(self, path: str) -> None:
-        """Delete a workspace tree; refuses anything outside the root."""
+        """Delete a workspace (or worktree) tree; refuses anything outside the roots, and a project's own folder."""
         real = os.path.realpath(path)
-        if real.startswith(self.root + os.sep):
+        if real not in self.folders and any(real.startswith(root + os.sep) for root in self.roots):
             shutil.rmtree(real, ignore_errors=True)

@@ -97,6 +97,11 @@ class ProjectTests(TestCase):
         self.assertTrue(os.path.isdir(plain))
         self.assertEqual(sorted(os.listdir(repo)), [".git", "README"])
 
+        # a worktree session whose CLI fails before saying anything leaves no worktree behind
+        failed = yield post(url, {"prompt": "[[fake no_init=1]] fail", "project": "repo", "worktree": True})
+        self.assertEqual(failed.sse.results()[0]["terminal_reason"], "cli_failed")
+        self.assertEqual(os.listdir(os.path.join(daemon.data_dir, "worktrees")), [])
+
         # a worktree from another base; and what may not be asked
         based = yield post(url, {"prompt": "from first", "project": "repo", "worktree": True, "base": first})
         self.assertEqual(based.status, 200)
