@@ -424,9 +424,9 @@ class ClaudeAPI:
             if method == b"GET":
                 return self.sessions.blocking(files.readable_file, root, file_path).addCallback(
                     self._download, request)
-            if self.live.busy(*group.session_ids):
-                raise ApiError(409, "session_busy", "a turn of this session is running; files can be written "
-                                                    "once it has ended")
+            if self.live.busy(*group.session_ids) or self.live.folder_busy(root):
+                raise ApiError(409, "session_busy", "a turn is running in this session's folder; files can be "
+                                                    "written once it has ended")
             if method == b"DELETE":
                 d = self.sessions.blocking(files.delete_file, root, file_path)
                 return d.addCallback(lambda _: json_body(request, 200, {"deleted": file_path}))

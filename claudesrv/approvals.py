@@ -113,6 +113,7 @@ class Pending:
         self.input = tool_input
         self.event = event
         self.timer: IDelayedCall | None = None
+        self.answering = False  # a "remember" answer is being written to the database
 
     @property
     def request_id(self) -> str:
@@ -124,12 +125,13 @@ class Approvals:
 
     def __init__(self, clock: IReactorTime, timeout: float, input_edits: Sequence[str],
                  remembered_in: Callable[[str], Deferred[set[str]]],
-                 remember: Callable[[str, str], Deferred[None]]) -> None:
+                 remember: Callable[[str, str], Deferred[None]], forget: Callable[[str, str], Deferred[None]]) -> None:
         self.clock = clock
         self.timeout = timeout
         self.input_edits = frozenset(input_edits)
         self._load_remembered = remembered_in
         self._remember = remember
+        self._forget = forget
         self.pending: dict[str, Pending] = {}
         self.resolved: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
         self.remembered: dict[str, set[str]] = {}
@@ -213,10 +215,24 @@ class Approvals:
     def answer(self, session_id: str, request_id: str, answer: Answer) -> Deferred[dict[str, Any]]:
         """Check an answer against its request and send it to the CLI; raises L{ApiError} (404, 409, 403, 400)."""
         pending = self.pending_of(session_id, request_id)
+        if pending.answering:
+            raise ApiError(409, "already_resolved", "another answer to this request is being recorded")
         response = self._response(pending, answer)
         d: Deferred[None] = Deferred()
         if answer.remember:
-            d = self._remember(session_id, pending.tool_name)
+            pending.answering = True
+            tool = pending.tool_name
+            known = tool in self.remembered.get(session_id, set())
+
+            def recorded(result: Any) -> Any:
+                pending.answering = False
+                if request_id not in self.pending and not known:  # a timeout or cancel came first: not remembered
+                    self._forget(session_id, tool).addErrback(
+                        lambda f: log.failure("could not forget the tool {tool} of session {sid}", f, tool=tool,
+                                              sid=session_id))
+                return result
+
+            d = self._remember(session_id, tool).addBoth(recorded)
         else:
             d.callback(None)
 

@@ -317,7 +317,8 @@ class ChatEndpoint:
         session_id = session_id or turn.session_id  # else one the claudesrv object named
         prompt = chat.prompt(resumed=session_id is not None)
         limit = self.api.body_limits.max_prompt
-        if isinstance(prompt, str) and len(prompt.encode("utf-8", "replace")) > limit:
+        text = prompt if isinstance(prompt, str) else "".join(b.get("text", "") for b in prompt)
+        if len(text.encode("utf-8", "replace")) > limit:
             raise ApiError(400, "prompt_too_large", f"the conversation so far is larger than {limit} bytes "
                                                     "(--max-prompt): start a new conversation", "messages")
         turn = dataclasses.replace(turn, prompt=prompt, session_id=session_id)

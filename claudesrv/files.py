@@ -40,6 +40,8 @@ def check_relative(path: str) -> list[str]:
     for part in parts:
         if part == "..":
             raise _bad("the path must not contain '..'")
+        if part.lower() == ".git":
+            raise ApiError(403, "git_metadata", "a session's .git is not reachable over HTTP", "path")
         if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME:
             raise _bad(f"a name in the path is longer than {MAX_NAME} bytes")
     return parts

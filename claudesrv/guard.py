@@ -143,7 +143,7 @@ class Guard(Resource):
                 return _refuse(request, 403, "origin_not_allowed",
                                "this origin may not call the API (see --cors-origin)")
             request.setResponseCode(204)
-            request.setHeader(b"Access-Control-Allow-Methods", b"GET, POST, DELETE, OPTIONS")
+            request.setHeader(b"Access-Control-Allow-Methods", b"GET, POST, PUT, DELETE, OPTIONS")
             request.setHeader(b"Access-Control-Allow-Headers", b"Authorization, Content-Type")
             request.setHeader(b"Access-Control-Max-Age", b"600")
             return b""

@@ -371,6 +371,7 @@ class LiveSession:
                 self.log.append_lines(lines[:i])
             turn.lines += i + 1
             turn.usage = usage_of(result)
+            self.host.approvals.cancel(self)  # what still waits is resolved before the turn's last event
             self.log.append(self._rewrite(turn, line, result))
             self._end_turn()
             if i + 1 < len(lines):
@@ -508,6 +509,7 @@ class LiveSession:
             self.turn = turn
         if self.never_came_to_be(turn):  # nothing of it may be left once its client has the result
             self.host.remove_workspace(self)
+        self.host.approvals.cancel(self)  # what still waits is resolved before the turn's last event
         self.log.append(event_line(payload))
         self._end_turn()
 

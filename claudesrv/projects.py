@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +47,19 @@ def parse_project(value: str) -> Project:
     return Project(name, path, _is_git(path))
 
 
-def _git(folder: str, *args: str, check: bool = True) -> str:
-    done = subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=GIT_TIMEOUT,
-                          env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+# a session can write its folder's .git/config (Claude's Edit tool): the daemon's own git calls run none of
+# the commands a config can name, and git gets no API token in its environment
+SAFE = ("-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null", "-c", "core.sshCommand=false",
+        "-c", "protocol.allow=never")
+
+
+def _git(folder: str, *args: str, check: bool = True, index: str | None = None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "CLAUDESRV_AUTH_TOKENS"}
+    env.update(GIT_TERMINAL_PROMPT="0", GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull)
+    if index is not None:
+        env["GIT_INDEX_FILE"] = index
+    done = subprocess.run(["git", *SAFE, "-C", folder, *args], capture_output=True, text=True,
+                          timeout=GIT_TIMEOUT, env=env)
     if check and done.returncode != 0:
         raise GitError(done.stderr.strip() or f"git {args[0]} failed")
     return done.stdout.strip()
@@ -121,10 +133,18 @@ class Projects:
             _git(project.path, "branch", "-D", f"claudesrv/{session_id}", check=False)
 
     def diff(self, session_id: str, base: str) -> str:
-        """What the session's worktree changed since its base commit, new files included."""
+        """What the session's worktree changed since its base commit, new files included. The worktree's own
+        index is not touched: new files are marked in a copy of it."""
         path = self.worktree_path(session_id)
-        _git(path, "add", "--all", "--intent-to-add")
-        return _git(path, "diff", base) + "\n"
+        if not os.path.isdir(path):
+            raise ApiError(410, "worktree_missing", "the session's worktree no longer exists on disk")
+        index = os.path.join(path, _git(path, "rev-parse", "--git-path", "index"))
+        with tempfile.TemporaryDirectory(prefix="claudesrv-diff-") as scratch:
+            copy = os.path.join(scratch, "index")
+            if os.path.exists(index):
+                shutil.copyfile(index, copy)
+            _git(path, "add", "--all", "--intent-to-add", index=copy)
+            return _git(path, "diff", "--no-ext-diff", "--no-textconv", base, index=copy) + "\n"
 
 
 class Placement:

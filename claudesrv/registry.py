@@ -104,7 +104,7 @@ class SessionRegistry:
         self._all_gone: list[Deferred[None]] = []
         self._sweeps: Batches[bytes] = Batches(self._kill_logged)
         self.approvals = Approvals(clock, limits.approval_timeout, limits.allow_input_edits, store.remembered,
-                                   store.remember)
+                                   store.remember, store.forget)
 
     def _kill_logged(self, markers: list[bytes]) -> Deferred[object]:
         return self.kill(markers).addErrback(lambda f: log.failure("process sweep failed", f))
@@ -128,6 +128,11 @@ class SessionRegistry:
         if log_ is not None and not log_.followers and session_id not in self.sessions:
             log_.close("released")
             del self.logs[session_id]
+
+    def folder_busy(self, folder: str) -> bool:
+        """Whether a turn of any session runs (or waits) in this folder (a project's is shared)."""
+        real = os.path.realpath(folder)
+        return any(os.path.realpath(self.sessions[sid].workspace) == real for sid in self.turns if sid in self.sessions)
 
     def busy(self, *session_ids: str) -> bool:
         """Whether any of these ids has a turn, or is being deleted."""
@@ -444,7 +449,12 @@ class SessionRegistry:
         self._fill_spares()
 
     def remove_workspace(self, session: LiveSession) -> None:
-        self.workspaces.remove(session.workspace)
+        """A new session's folder: its empty workspace at once; a worktree (a whole checkout) in a thread."""
+        if session.workspace.startswith(self.workspaces.root + os.sep):
+            self.workspaces.remove(session.workspace)
+        else:
+            self.blocking(self.workspaces.remove, session.workspace).addErrback(
+                lambda f: log.failure("could not remove {path}", f, path=session.workspace))
 
     def _discard(self, session: LiveSession) -> None:
         """A new session that never came to be: its log and its (empty) workspace go."""
@@ -452,7 +462,7 @@ class SessionRegistry:
             del self.sessions[session.session_id]
         self.logs.pop(session.session_id, None)
         session.log.destroy()
-        self.workspaces.remove(session.workspace)
+        self.remove_workspace(session)
 
     def forget_new_session(self, session: LiveSession) -> Deferred[None]:
         """A new session whose CLI died before saying anything: its row goes now, the rest when it is gone."""

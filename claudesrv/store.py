@@ -261,7 +261,10 @@ class SessionStore:
         return d.addCallback(_groups)
 
     def group_of(self, session_id: str) -> Deferred[SessionGroup | None]:
-        d = self._query(GROUPS + " HAVING SUM(claude_session_id = ?) > 0", session_id)
+        """The group of one id: only the rows of its workspace are grouped (by the workspace index)."""
+        one = GROUPS.replace("ORDER BY s.rowid)", "WHERE s.workspace_path = (SELECT workspace_path FROM sessions "
+                                                  "WHERE claude_session_id = ?) ORDER BY s.rowid)")
+        d = self._query(one + " HAVING SUM(claude_session_id = ?) > 0", session_id, session_id)
         return d.addCallback(lambda rows: next(iter(_groups(rows)), None))
 
     def idle_since(self, cutoff: str) -> Deferred[list[SessionGroup]]:
@@ -288,6 +291,10 @@ class SessionStore:
         """The tools a person allowed for the rest of this session."""
         d = self._query("SELECT tool_name FROM remembered_tools WHERE claude_session_id = ?", session_id)
         return d.addCallback(lambda rows: {r[0] for r in rows})
+
+    def forget(self, session_id: str, tool: str) -> Deferred[None]:
+        return self._execute("DELETE FROM remembered_tools WHERE claude_session_id = ? AND tool_name = ?",
+                             session_id, tool)
 
     def remember(self, session_id: str, tool: str) -> Deferred[None]:
         return self._execute("INSERT OR IGNORE INTO remembered_tools (claude_session_id, tool_name, created_at) "

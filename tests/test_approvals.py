@@ -230,6 +230,13 @@ class NobodyAnswers(ApprovalTestCase):
         self.assertEqual(self.answer(d, stream.session_id, event["request_id"], {"behavior": "allow"})[0], 409)
         self.assertEqual(cli.answers, [])
 
+    def test_a_result_while_a_request_waits_comes_last(self) -> None:
+        """A turn that ends while a request waits (the CLI sent no cancel) resolves it before its result."""
+        d, stream, cli, event = self.asking()
+        cli.asking = None
+        cli.end_turn()
+        self.assertEqual(stream.types()[-2:], ["permission_resolved", "result"])
+
     def test_the_clis_own_cancel_is_honoured(self) -> None:
         d, stream, cli, event = self.asking()
         cli.say(json.dumps({"type": "control_cancel_request", "request_id": cli.asking}))
@@ -346,6 +353,27 @@ class Policy(ApprovalTestCase):
 
 
 class Remember(ApprovalTestCase):
+    def test_a_remember_that_loses_the_race_is_not_remembered(self) -> None:
+        """An allow + remember whose database write is overtaken (here by the timeout) is 409 and leaves nothing
+        remembered; a second answer while the first is being written is 409 too."""
+        d, stream, cli, event = self.asking(approval_timeout=30)
+        d.db.held = True
+        answer = d.http.request("POST", f"http://localhost/api/sessions/{stream.session_id}/permissions/"
+                                f"{event['request_id']}", data=json.dumps({"behavior": "allow", "remember": "tool"}),
+                                headers={"Content-Type": "application/json"})
+        d.pump()
+        code, body = self.answer(d, stream.session_id, event["request_id"], {"behavior": "deny"})
+        self.assertEqual((code, body["error"]["code"]), (409, "already_resolved"))
+        d.clock.advance(30)
+        d.db.release()
+        d.pump()
+        self.assertEqual(self.successResultOf(answer).code, 409)
+        self.assertEqual(self.response(cli)["behavior"], "deny")  # the timeout's
+        with sqlite3.connect(os.path.join(self.base, "sessions.db")) as db:
+            self.assertEqual(list(db.execute("SELECT * FROM remembered_tools")), [])
+        cli.ask()
+        self.assertEqual(self.last(stream, "permission_request")["tool_name"], "Bash")  # asked again
+
     def test_remembered_tool_is_allowed_for_the_rest_of_the_session(self) -> None:
         """allow + remember: later requests for the tool are allowed without asking, in this process, after
         it slept and resumed, and after a restart of the daemon; deleting the session forgets it."""

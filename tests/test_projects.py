@@ -46,6 +46,8 @@ class ProjectTests(TestCase):
             {"name": "repo", "path": repo, "git": True, "branch": "main"}]))
 
         # a session in the project's own folder, resumed there; a second one may not run at the same time
+        before = yield post(url, {"prompt": "first", "project": "plain"})
+        first_plain = before.session_id
         one = yield post(url, {"prompt": "hello", "project": "plain"})
         self.assertEqual(daemon.invocations()[-1]["cwd"], plain)
         again = yield post(url, {"prompt": "again", "session_id": one.session_id})
@@ -54,6 +56,8 @@ class ProjectTests(TestCase):
         yield wait_for(lambda: daemon.turns()[-1]["prompt"].endswith("long"))
         busy = yield post(url, {"prompt": "me too", "project": "plain"})
         self.assertEqual((busy.status, busy.json()["error"]["code"]), (409, "project_busy"))
+        status, _, _ = yield raw(daemon.port, "PUT", f"/api/sessions/{first_plain}/files/x.txt", b"x")
+        self.assertEqual(status, 409)  # another session's turn runs in the same folder
         yield post(f"{daemon.url}/api/sessions/{one.session_id}/cancel", {})
         yield running
         two = yield post(url, {"prompt": "now", "project": "plain"})
@@ -81,6 +85,7 @@ class ProjectTests(TestCase):
         status, headers, diff = yield raw(daemon.port, "GET", f"/api/sessions/{sid}/diff")
         self.assertEqual((status, headers["content-type"]), (200, "text/x-diff; charset=utf-8"))
         self.assertIn(b"+made in the worktree", diff)
+        self.assertEqual(git(tree, "status", "--porcelain"), "?? NEW.txt")  # the worktree's index is untouched
         code, item = yield get_json(f"{daemon.url}/api/sessions/{sid}")
         self.assertEqual(item["project"], {"name": "repo", "worktree": tree, "branch": f"claudesrv/{sid}",
                                            "base": first})
@@ -100,7 +105,7 @@ class ProjectTests(TestCase):
         # a worktree session whose CLI fails before saying anything leaves no worktree behind
         failed = yield post(url, {"prompt": "[[fake no_init=1]] fail", "project": "repo", "worktree": True})
         self.assertEqual(failed.sse.results()[0]["terminal_reason"], "cli_failed")
-        self.assertEqual(os.listdir(os.path.join(daemon.data_dir, "worktrees")), [])
+        yield wait_for(lambda: os.listdir(os.path.join(daemon.data_dir, "worktrees")) == [])  # removed in a thread
 
         # a worktree from another base; and what may not be asked
         based = yield post(url, {"prompt": "from first", "project": "repo", "worktree": True, "base": first})
