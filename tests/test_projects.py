@@ -47,6 +47,8 @@ class ProjectTests(TestCase):
 
         # a session in the project's own folder, resumed there; a second one may not run at the same time
         before = yield post(url, {"prompt": "first", "project": "plain"})
+        self.assertEqual(before.status, 200, bytes(before.sse.raw)[:500])
+        self.assertFalse(before.sse.results()[0]["is_error"], before.sse.results())
         first_plain = before.session_id
         one = yield post(url, {"prompt": "hello", "project": "plain"})
         self.assertEqual(daemon.invocations()[-1]["cwd"], plain)
@@ -56,8 +58,8 @@ class ProjectTests(TestCase):
         yield wait_for(lambda: daemon.turns()[-1]["prompt"].endswith("long"))
         busy = yield post(url, {"prompt": "me too", "project": "plain"})
         self.assertEqual((busy.status, busy.json()["error"]["code"]), (409, "project_busy"))
-        status, _, _ = yield raw(daemon.port, "PUT", f"/api/sessions/{first_plain}/files/x.txt", b"x")
-        self.assertEqual(status, 409)  # another session's turn runs in the same folder
+        status, _, body = yield raw(daemon.port, "PUT", f"/api/sessions/{first_plain}/files/x.txt", b"x")
+        self.assertEqual(status, 409, body)  # another session's turn runs in the same folder
         yield post(f"{daemon.url}/api/sessions/{one.session_id}/cancel", {})
         yield running
         two = yield post(url, {"prompt": "now", "project": "plain"})
