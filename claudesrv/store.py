@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from claudesrv.batches import Batches
@@ -190,6 +190,13 @@ def _advance(cursor: Any, session_id: str, head: str, chat: str | None) -> None:
                        (chat, session_id))
 
 
+def _create_tables(cursor: Any) -> None:
+    for statement in (SCHEMA, REMEMBERED, USAGE, CONVERSATIONS, PROJECTS,
+                      "CREATE INDEX IF NOT EXISTS conversations_session ON conversations(claude_session_id)",
+                      "CREATE INDEX IF NOT EXISTS sessions_workspace ON sessions(workspace_path)"):
+        cursor.execute(statement)
+
+
 def _query(cursor: Any, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
     cursor.execute(sql, params)
     return list(cursor.fetchall())
@@ -214,16 +221,13 @@ class SessionStore:
     def _query(self, sql: str, *params: Any) -> Deferred[list[tuple[Any, ...]]]:
         return self.db.run(_query, sql, params)
 
-    @inlineCallbacks
-    def start(self) -> Any:
-        """Create the tables if needed (the seed's sessions table unchanged)."""
-        yield self._execute(SCHEMA)
-        yield self._execute(REMEMBERED)
-        yield self._execute(USAGE)
-        yield self._execute(CONVERSATIONS)
-        yield self._execute(PROJECTS)
-        yield self._execute("CREATE INDEX IF NOT EXISTS conversations_session ON conversations(claude_session_id)")
-        yield self._execute("CREATE INDEX IF NOT EXISTS sessions_workspace ON sessions(workspace_path)")
+    def start(self) -> Deferred[None]:
+        """
+        Create the tables if needed (the seed's sessions table unchanged), in one interaction asked for before
+        the daemon listens: the one database connection runs interactions in order, so no request's can come
+        before the tables exist.
+        """
+        return self.db.run(_create_tables)
 
     def close(self) -> None:
         self.db.close()
