@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,8 @@ class Projects:
     def __init__(self, projects: list[Project], worktrees: str) -> None:
         self.by_name = {p.name: p for p in projects}
         self.worktrees = os.path.realpath(worktrees)
+        # git takes locks in a repository (its config, its refs): one worktree change at a time per project
+        self._locks = {p.name: threading.Lock() for p in projects}
 
     def get(self, name: str) -> Project:
         project = self.by_name.get(name)
@@ -120,17 +123,20 @@ class Projects:
             raise ApiError(400, "unknown_base", f"{base!r} is not a commit of project {project.name}", "base") \
                 from None
         os.makedirs(self.worktrees, exist_ok=True)
-        _git(project.path, "worktree", "add", "-b", f"claudesrv/{session_id}", self.worktree_path(session_id), commit)
+        with self._locks[project.name]:
+            _git(project.path, "worktree", "add", "-b", f"claudesrv/{session_id}", self.worktree_path(session_id),
+                 commit)
         return commit
 
     def remove_worktree(self, project: Project, session_id: str, delete_branch: bool) -> None:
         """The worktree goes (whatever it holds); its branch too when asked. The project's folder stays."""
         path = self.worktree_path(session_id)
-        if os.path.isdir(path):
-            _git(project.path, "worktree", "remove", "--force", path, check=False)
-        _git(project.path, "worktree", "prune", check=False)
-        if delete_branch:
-            _git(project.path, "branch", "-D", f"claudesrv/{session_id}", check=False)
+        with self._locks[project.name]:
+            if os.path.isdir(path):
+                _git(project.path, "worktree", "remove", "--force", path, check=False)
+            _git(project.path, "worktree", "prune", check=False)
+            if delete_branch:
+                _git(project.path, "branch", "-D", f"claudesrv/{session_id}", check=False)
 
     def diff(self, session_id: str, base: str) -> str:
         """What the session's worktree changed since its base commit, new files included. The worktree's own

@@ -69,7 +69,10 @@ class ProjectTests(TestCase):
         # worktrees: each session its own, on its own branch, running side by side
         hangs = [post(url, {"prompt": f"[[fake hang=1]] tree {n}", "project": "repo", "worktree": True})
                  for n in range(2)]
-        yield wait_for(lambda: sum(" tree " in t["prompt"] for t in daemon.turns()) == 2)
+        try:
+            yield wait_for(lambda: sum(" tree " in t["prompt"] for t in daemon.turns()) == 2, 20)
+        except AssertionError:
+            self.fail(f"two worktree turns did not start; the daemon's log ends: {daemon.log[-4000:]}")
         trees = [i["cwd"] for i in daemon.invocations()[-2:]]
         self.assertEqual(len(set(trees)), 2)
         for tree in trees:
