@@ -15,7 +15,6 @@ from typing import Any
 from twisted.web.iweb import IRequest
 
 from claudesrv import compat
-from claudesrv.command import read_json
 from claudesrv.compat import Message
 from claudesrv.errors import ApiError, invalid, shaped
 from claudesrv.live import Turn
@@ -135,7 +134,7 @@ class Reply:
         return _event("content_block_stop", {"type": "content_block_stop", "index": len(self.blocks) - 1})
 
     def failure(self) -> str | None:
-        return compat.failure_of(self.result) if self.result is not None else "the turn ended without a result"
+        return compat.failure_of(self.result)
 
     def usage(self) -> dict[str, int]:
         prompt, completion = compat.usage_tokens(self.result or {})
@@ -165,13 +164,7 @@ def _event(name: str, payload: dict[str, Any]) -> bytes:
 
 class AnthropicEndpoint(compat.ChatEndpoint):
     def messages(self, request: IRequest) -> Any:
-        assert request.content is not None
-        body = read_json(request.content.read())
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid_json", "the body must be a JSON object")
-        unknown = sorted(set(body) - set(FIELDS))
-        if unknown:
-            raise ApiError(400, "unknown_parameter", f"{unknown[0]}: Extra inputs are not permitted", unknown[0])
+        body = compat.read_body(request, FIELDS, "{}: Extra inputs are not permitted")
         if body.get("tools"):
             raise invalid("tools", "tool use is not offered: Claude Code runs its own tools")
         system, conversation = messages_of(body)

@@ -223,14 +223,15 @@ class ClaudeAPI:
 
         return d.addCallbacks(lambda _: respond(request, turn), not_recorded)
 
-    def stream(self, request: IRequest, turn: Turn, client: sse.Client | None = None) -> Deferred[bytes]:
+    def stream(self, request: IRequest, turn: Turn, client: sse.Client | None = None,
+               event_stream: bool = True) -> Deferred[bytes]:
         """The turn's events, from its first event to its result: as SSE, or to C{client}, which writes them in
-        another shape (the OpenAI and Anthropic endpoints)."""
+        another shape (the OpenAI and Anthropic endpoints; C{event_stream} False: one JSON answer at the end)."""
         session = self.live.sessions[turn.session_id]
         request.setHeader(b"X-Session-Id", turn.session_id.encode())
-        if client is None:
-            client = cast(sse.Client, request)
-            sse.start(client)
+        if event_stream:
+            sse.start(cast(sse.Client, request))  # the headers, X-Session-Id with them, go now
+        client = client or cast(sse.Client, request)
         limits = self.live.limits
         sink = sse.SseSink(client, session.log, turn.start_offset, self.live.clock, lambda: turn.end_offset,
                            limits.keepalive, limits.idle_timeout,

@@ -25,10 +25,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
-from claudesrv.command import ClaudeRequest, Prompt, is_canonical_uuid, parse_body
+from claudesrv.command import ClaudeRequest, Prompt, is_canonical_uuid, parse_body, read_json
 from claudesrv.errors import ApiError, invalid, json_body, shaped
 from claudesrv.live import Turn
-from claudesrv.sse import KEEPALIVE, Client, start
+from claudesrv.sse import KEEPALIVE, Client
 from claudesrv.store import SessionStore
 
 if TYPE_CHECKING:
@@ -255,8 +255,10 @@ def usage_tokens(result: dict[str, Any]) -> tuple[int, int]:
     return prompt, count("output_tokens")
 
 
-def failure_of(result: dict[str, Any]) -> str | None:
+def failure_of(result: dict[str, Any] | None) -> str | None:
     """Why a turn failed, from its result; None when it did not (max_turns counts as an ended answer)."""
+    if result is None:
+        return "the turn ended without a result"
     if not result.get("is_error") or result.get("subtype") == "error_max_turns":
         return None
     errors = result.get("errors")
@@ -277,6 +279,18 @@ class Answer(Protocol):
     def reply(self) -> str: ...
 
     def whole(self) -> dict[str, Any]: ...
+
+
+def read_body(request: IRequest, fields: tuple[str, ...], unknown: str) -> dict[str, Any]:
+    """A /v1 request's JSON object; a field not in C{fields} is 400 with C{unknown} (formatted with its name)."""
+    assert request.content is not None
+    body = read_json(request.content.read())
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", "the body must be a JSON object")
+    extra = sorted(set(body) - set(fields))
+    if extra:
+        raise ApiError(400, "unknown_parameter", unknown.format(extra[0]), extra[0])
+    return body
 
 
 def extra_options(body: dict[str, Any]) -> dict[str, Any]:
@@ -325,12 +339,8 @@ class ChatEndpoint:
 
         def respond(request: IRequest, admitted: Turn) -> Deferred[Any]:
             given = answer(admitted)
-            client = cast(Client, request)
-            if given.streaming:
-                request.setHeader(b"X-Session-Id", admitted.session_id.encode())  # start() sends the headers
-                start(client)
-            reader = EventReader(client, given.on_event, keepalive=given.streaming)
-            d = self.api.stream(request, admitted, reader)
+            reader = EventReader(cast(Client, request), given.on_event, keepalive=given.streaming)
+            d = self.api.stream(request, admitted, reader, event_stream=given.streaming)
             return d.addCallback(self._answered, request, admitted, chat, given)
 
         return self.api.run(request, turn, respond)

@@ -16,7 +16,6 @@ from typing import Any
 from twisted.web.iweb import IRequest
 
 from claudesrv import compat
-from claudesrv.command import read_json
 from claudesrv.compat import Message
 from claudesrv.errors import ApiError, invalid, json_body, shaped
 from claudesrv.live import Turn
@@ -140,7 +139,7 @@ class Completion:
         return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
     def failure(self) -> str | None:
-        return compat.failure_of(self.result) if self.result is not None else "the turn ended without a result"
+        return compat.failure_of(self.result)
 
     def reply(self) -> str:
         return self.content
@@ -182,13 +181,7 @@ class OpenAIEndpoints(compat.ChatEndpoint):
         return json_body(request, 200, {"object": "list", "data": data})
 
     def completions(self, request: IRequest) -> Any:
-        assert request.content is not None
-        body = read_json(request.content.read())
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid_json", "the body must be a JSON object")
-        unknown = sorted(set(body) - set(FIELDS))
-        if unknown:
-            raise ApiError(400, "unknown_parameter", f"unrecognized request argument: {unknown[0]}", unknown[0])
+        body = compat.read_body(request, FIELDS, "unrecognized request argument: {}")
         if body.get("n") not in (None, 1):
             raise invalid("n", "n must be 1: one answer per request")
         for name in ("tools", "functions"):

@@ -28,6 +28,24 @@ _SESSION = {"$ref": "#/components/schemas/Session"}
 _FILE_PATH = {"name": "file_path", "in": "path", "required": True, "schema": {"type": "string"},
               "description": "relative to the session's folder; may hold slashes"}
 
+def _chat_route(summary: str, fields: dict[str, Any], answer: str) -> dict[str, Any]:
+    """One of the /v1 chat routes: the same session headers, body frame, answers and errors."""
+    properties = {"model": {"type": "string", "default": "claude-code"},
+                  "messages": {"type": "array", "items": {"type": "object"}}, "stream": {"type": "boolean"},
+                  "claudesrv": {"type": "object", "description": "fields of the Turn schema but prompt and model"},
+                  **fields}
+    return {"post": {
+        "summary": summary,
+        "parameters": [{"name": "X-Session-Id", "in": "header", "schema": {"type": "string", "format": "uuid"}},
+                       {"name": "X-OpenWebUI-Chat-Id", "in": "header", "schema": {"type": "string"}}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["messages"], "properties": properties}}}},
+        "responses": {"200": {"description": answer,
+                              "content": {"application/json": {"schema": {"type": "object"}},
+                                          "text/event-stream": {"schema": {"type": "string"}}}},
+                      **_errors(400, 404, 409, 410, 413, 415, 503, *_COMMON)}}}
+
+
 _DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "claudesrv", "version": "0.1.0",
@@ -170,38 +188,14 @@ _DOCUMENT: dict[str, Any] = {
             "summary": "OpenAI-compatible: claude-code (the default model) and claude-code/<model> per allowed model",
             "responses": {"200": {"description": "{object: list, data: [{id, object: model, created, owned_by}]}"},
                           **_errors(*_COMMON)}}},
-        "/v1/chat/completions": {"post": {
-            "summary": "OpenAI-compatible Chat Completions over a real session (X-Session-Id, "
-                       "X-OpenWebUI-Chat-Id, or the conversation itself); /api/claude's options in a claudesrv object",
-            "parameters": [{"name": "X-Session-Id", "in": "header", "schema": {"type": "string", "format": "uuid"}},
-                           {"name": "X-OpenWebUI-Chat-Id", "in": "header", "schema": {"type": "string"}}],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "type": "object", "required": ["messages"], "properties": {
-                    "model": {"type": "string", "default": "claude-code"},
-                    "messages": {"type": "array", "items": {"type": "object"}},
-                    "stream": {"type": "boolean"}, "stream_options": {"type": "object"},
-                    "claudesrv": {"type": "object", "description": "fields of the Turn schema but prompt and model"}
-                }}}}},
-            "responses": {"200": {"description": "a chat.completion, or chat.completion.chunk events and [DONE]; "
-                                                 "X-Session-Id names the session",
-                                  "content": {"application/json": {"schema": {"type": "object"}},
-                                              "text/event-stream": {"schema": {"type": "string"}}}},
-                          **_errors(400, 404, 409, 410, 413, 415, 503, *_COMMON)}}},
-        "/v1/messages": {"post": {
-            "summary": "Anthropic-compatible Messages over a real session (the same session rules and options)",
-            "parameters": [{"name": "X-Session-Id", "in": "header", "schema": {"type": "string", "format": "uuid"}},
-                           {"name": "X-OpenWebUI-Chat-Id", "in": "header", "schema": {"type": "string"}}],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "type": "object", "required": ["messages"], "properties": {
-                    "model": {"type": "string", "default": "claude-code"},
-                    "messages": {"type": "array", "items": {"type": "object"}},
-                    "system": {"type": "string"}, "stream": {"type": "boolean"},
-                    "claudesrv": {"type": "object", "description": "fields of the Turn schema but prompt and model"}
-                }}}}},
-            "responses": {"200": {"description": "a message, or message_start ... message_stop events",
-                                  "content": {"application/json": {"schema": {"type": "object"}},
-                                              "text/event-stream": {"schema": {"type": "string"}}}},
-                          **_errors(400, 404, 409, 410, 413, 415, 503, *_COMMON)}}},
+        "/v1/chat/completions": _chat_route(
+            "OpenAI-compatible Chat Completions over a real session (X-Session-Id, X-OpenWebUI-Chat-Id, or the "
+            "conversation itself); /api/claude's options in a claudesrv object",
+            {"stream_options": {"type": "object"}},
+            "a chat.completion, or chat.completion.chunk events and [DONE]; X-Session-Id names the session"),
+        "/v1/messages": _chat_route(
+            "Anthropic-compatible Messages over a real session (the same session rules and options)",
+            {"system": {"type": "string"}}, "a message, or message_start ... message_stop events"),
         "/": {"get": {"summary": "What this server is: name, version and links",
                       "responses": {"200": {"description": "{name, version, links}"}, **_errors(*_COMMON)}}},
         "/healthz": {"get": {"summary": "Liveness (no auth)", "security": [],

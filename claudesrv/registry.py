@@ -130,9 +130,9 @@ class SessionRegistry:
             del self.logs[session_id]
 
     def folder_busy(self, folder: str) -> bool:
-        """Whether a turn of any session runs (or waits) in this folder (a project's is shared)."""
-        real = os.path.realpath(folder)
-        return any(os.path.realpath(self.sessions[sid].workspace) == real for sid in self.turns if sid in self.sessions)
+        """Whether a turn of any session runs (or waits) in this folder (a project's is shared). Folders are kept as
+        real paths (Workspaces, Projects), so they compare as strings: no file-system call on admission."""
+        return any(self.sessions[sid].workspace == folder for sid in self.turns if sid in self.sessions)
 
     def busy(self, *session_ids: str) -> bool:
         """Whether any of these ids has a turn, or is being deleted."""
@@ -179,8 +179,7 @@ class SessionRegistry:
             raise QueueFull("all run slots and queue places are taken")
         new_id = str(uuid.uuid4())
         folder = workspace or (placement.path(new_id) if placement is not None else None)
-        if folder is not None and any(self.sessions[other].workspace == folder for other in self.turns
-                                      if other != sid and other in self.sessions):
+        if folder is not None and self.folder_busy(folder):  # (a turn of this session itself is Busy above)
             raise ProjectBusy(folder)
         kind = "cold"
         if sid is None:

@@ -252,7 +252,8 @@ class Options(usage.Options):
 
     def opt_version(self) -> None:
         """Print the versions of claudesrv and of the Claude CLI (--claude, when given before) and exit."""
-        print(version_text(self["claude"], os.environ))
+        # the command's own answer, before any logging exists (as twistd's --version): not a log event
+        sys.stdout.write(version_text(self["claude"], os.environ) + "\n")
         sys.exit(0)
 
     def parseOptions(self, options: list[str] | None = None) -> None:
